@@ -1,0 +1,1 @@
+"""Config files shared by train_jax.py and train_torch.py (each defines get_config())."""

@@ -1,0 +1,255 @@
+"""The one config schema shared by both backends, and its validation.
+
+A config is an `ml_collections.ConfigDict` with four sections, written by a `get_config()` file in
+`configs/` and overridden from the command line (`--config.training.batch_size_train=64`):
+
+  model      the VDM: data vocabulary, noise schedule, score UNet, precision (see `ModelConfig`)
+  training   seed, steps, batch sizes, logging / eval / checkpoint / sampling cadence
+  optimizer  AdamW, LR warmup, gradient clipping, EMA
+  data       which data set and where it lives
+
+`validate(config)` checks every field once, at the boundary, and raises `ConfigError` naming the field,
+the bad value and what is allowed; the backends then trust the values.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+from typing import Any, Sequence
+
+import ml_collections
+
+GAMMA_TYPES = ("fixed", "learnable_scalar", "learnable_nnet")
+FOURIER_ORDERS = ("channel_major", "frequency_major")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
+DATASETS = ("digits", "cifar10", "cifar10_aug", "imagenet32", "npz")
+
+
+class ConfigError(ValueError):
+    """A config field holds a value the project cannot use; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The fields that define the model's function (and so its weights). Shared by both backends.
+
+    Defaults are those of the official CIFAR-10 model.
+    """
+
+    vocab_size: int = 256              # pixel values are integers in [0, vocab_size)
+    image_channels: int = 3            # C of the images (and of z)
+    sample_softmax: bool = False       # generate_x: sample the decoder (True) or take its argmax
+    antithetic_time_sampling: bool = True
+    # Noise schedule gamma(t) = -log SNR(t), increasing from gamma_min to gamma_max (at init).
+    gamma_type: str = "learnable_scalar"
+    gamma_min: float = -13.3
+    gamma_max: float = 5.0
+    # Score UNet.
+    sm_n_timesteps: int = 0            # 0: continuous-time loss; T > 0: discrete-time loss with T steps
+    sm_n_embd: int = 128               # channels of every block
+    sm_n_layer: int = 32               # resnet blocks on the way down (and +1 on the way up)
+    sm_pdrop: float = 0.1              # dropout inside each resnet block
+    with_fourier_features: bool = True
+    fourier_start: int = 6             # base-2 Fourier exponents start..stop-1 (official: 6, 7)
+    fourier_stop: int = 8
+    fourier_order: str = "channel_major"   # official: [c0f6, c0f7, c1f6, ...]; the torch port: frequency-major
+    with_attention: bool = False       # attention after every down / up block (the middle always has one)
+    attention_heads: int = 1
+    norm_groups: int = 32              # GroupNorm groups everywhere
+    norm_eps: float = 1e-6             # GroupNorm epsilon (Flax's default; the torch port used 1e-5)
+    compute_dtype: str = "float32"     # UNet activations; params, t, gamma and the loss stay float32
+
+    @classmethod
+    def from_config(cls, model: Any) -> "ModelConfig":
+        """Builds the dataclass from a `config.model` ConfigDict or dict (unknown keys are an error)."""
+        values = dict(model.to_dict() if hasattr(model, "to_dict") else model)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"config.model has unknown fields {unknown}; known fields: {sorted(names)}")
+        mc = cls(**values)
+        validate_model(mc)
+        return mc
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_config(json.loads(text))
+
+
+def _require(ok: bool, field: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ConfigError(f"config.{field} = {value!r} is invalid: {allowed}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_model(m: ModelConfig) -> None:
+    """Raises ConfigError for the first field of the model config that the model cannot use."""
+    _require(_is_int(m.vocab_size) and m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "an integer >= 2")
+    _require(_is_int(m.image_channels) and m.image_channels >= 1, "model.image_channels", m.image_channels,
+             "an integer >= 1")
+    _require(m.gamma_type in GAMMA_TYPES, "model.gamma_type", m.gamma_type, f"one of {GAMMA_TYPES}")
+    _require(float(m.gamma_min) < float(m.gamma_max), "model.gamma_min", m.gamma_min,
+             f"gamma_min must be below gamma_max ({m.gamma_max}); gamma is -log SNR and increases with t")
+    _require(_is_int(m.sm_n_timesteps) and m.sm_n_timesteps >= 0, "model.sm_n_timesteps", m.sm_n_timesteps,
+             "0 for the continuous-time loss or a number of steps T >= 1")
+    _require(_is_int(m.sm_n_embd) and m.sm_n_embd >= 2 and m.sm_n_embd % 2 == 0, "model.sm_n_embd",
+             m.sm_n_embd, "an even integer >= 2")
+    _require(_is_int(m.sm_n_layer) and m.sm_n_layer >= 0, "model.sm_n_layer", m.sm_n_layer, "an integer >= 0")
+    _require(0.0 <= m.sm_pdrop < 1.0, "model.sm_pdrop", m.sm_pdrop, "a probability in [0, 1)")
+    _require(_is_int(m.fourier_start) and _is_int(m.fourier_stop) and m.fourier_start < m.fourier_stop,
+             "model.fourier_start", (m.fourier_start, m.fourier_stop), "integers with fourier_start < fourier_stop")
+    _require(m.fourier_order in FOURIER_ORDERS, "model.fourier_order", m.fourier_order, f"one of {FOURIER_ORDERS}")
+    _require(_is_int(m.attention_heads) and m.attention_heads >= 1 and m.sm_n_embd % m.attention_heads == 0,
+             "model.attention_heads", m.attention_heads,
+             f"an integer >= 1 that divides model.sm_n_embd ({m.sm_n_embd})")
+    _require(_is_int(m.norm_groups) and m.norm_groups >= 1, "model.norm_groups", m.norm_groups, "an integer >= 1")
+    # GroupNorm sees sm_n_embd channels, and 2 * sm_n_embd on the concatenated skips of the up path.
+    _require(m.sm_n_embd % m.norm_groups == 0, "model.norm_groups", m.norm_groups,
+             f"must divide model.sm_n_embd ({m.sm_n_embd}); pick a divisor such as "
+             f"{max(g for g in range(1, min(32, m.sm_n_embd) + 1) if m.sm_n_embd % g == 0)}")
+    _require(float(m.norm_eps) > 0, "model.norm_eps", m.norm_eps, "a positive float")
+    _require(m.compute_dtype in COMPUTE_DTYPES, "model.compute_dtype", m.compute_dtype, f"one of {COMPUTE_DTYPES}")
+
+
+def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Checks a whole config (all four sections); returns it unchanged or raises ConfigError."""
+    for section in ("model", "training", "optimizer", "data"):
+        if section not in config:
+            raise ConfigError(f"config.{section} is missing; a config file defines model, training, "
+                              f"optimizer and data (see configs/quickstart.py)")
+    ModelConfig.from_config(config.model)
+    t, o, d = config.training, config.optimizer, config.data
+    for name in ("num_steps_train", "batch_size_train", "batch_size_eval", "substeps", "steps_per_logging",
+                 "steps_per_eval", "steps_per_save", "checkpoints_to_keep", "sample_steps", "num_samples"):
+        _require(_is_int(t[name]) and t[name] >= 1, f"training.{name}", t[name], "an integer >= 1")
+    _require(_is_int(t.seed), "training.seed", t.seed, "an integer")
+    _require(_is_int(t.steps_per_sample) and t.steps_per_sample >= 0, "training.steps_per_sample",
+             t.steps_per_sample, "an integer >= 0 (0: no sample grids during training)")
+    _require(_is_int(t.num_eval_batches) and t.num_eval_batches >= 0, "training.num_eval_batches",
+             t.num_eval_batches, "an integer >= 0 (0: the whole test split)")
+    for name in ("steps_per_logging", "steps_per_eval", "steps_per_save"):
+        _require(t[name] % t.substeps == 0, f"training.{name}", t[name],
+                 f"a multiple of training.substeps ({t.substeps}): the host sees the state every substeps steps")
+    _require(float(o.learning_rate) > 0, "optimizer.learning_rate", o.learning_rate, "a positive float")
+    _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optimizer.b1", (o.b1, o.b2), "b1 and b2 in [0, 1)")
+    _require(float(o.eps) > 0, "optimizer.eps", o.eps, "a positive float")
+    _require(float(o.weight_decay) >= 0, "optimizer.weight_decay", o.weight_decay, "a float >= 0")
+    _require(0.0 <= o.ema_rate < 1.0, "optimizer.ema_rate", o.ema_rate, "a float in [0, 1)")
+    _require(_is_int(o.num_steps_lr_warmup) and o.num_steps_lr_warmup >= 0, "optimizer.num_steps_lr_warmup",
+             o.num_steps_lr_warmup, "an integer >= 0")
+    _require(float(o.grad_clip_norm) >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
+             "a float >= 0 (0: no clipping)")
+    _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"one of {DATASETS}")
+    if d.dataset == "npz":
+        _require(bool(d.npz_path), "data.npz_path", d.npz_path,
+                 "the path of a .npz file with uint8 arrays 'train' and 'test' (N, H, W, C)")
+    return config
+
+
+def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Loads `get_config()` from a config file, applies `a.b=value` overrides, and validates.
+
+    Overrides are parsed as Python literals where possible (`model.sm_n_layer=4`, `data.dataset=npz`).
+    """
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist; pass one of configs/*.py")
+    spec = importlib.util.spec_from_file_location("_vdm_config_file", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path!r} has no get_config() function")
+    config = module.get_config()
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        set_field(config, key.strip(), _parse_literal(raw.strip()))
+    return validate(config)
+
+
+def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
+    """Sets config.<dotted> = value, refusing fields the schema does not have."""
+    *parents, leaf = dotted.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            raise ConfigError(f"override config.{dotted}: there is no section {part!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"override config.{dotted}: unknown field {leaf!r}; known: {sorted(node.keys())}")
+    old = node[leaf]
+    if isinstance(old, float) and _is_int(value):
+        value = float(value)
+    node[leaf] = value
+
+
+def _parse_literal(raw: str) -> Any:
+    import ast
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The frozen `ModelConfig` of a full config."""
+    return ModelConfig.from_config(config.model)
+
+
+def default_training() -> dict:
+    """Training, optimizer and data sections shared by the config files (each overrides what differs)."""
+    return dict(
+        training=dict(
+            seed=1,
+            num_steps_train=100_000_000,
+            batch_size_train=128,
+            batch_size_eval=128,
+            substeps=1000,                # optimizer steps per host call (lax.scan in JAX)
+            steps_per_logging=1000,
+            steps_per_eval=10_000,
+            steps_per_save=100_000,
+            steps_per_sample=0,
+            checkpoints_to_keep=3,
+            num_eval_batches=100,         # 0: evaluate on the whole test split
+            sample_steps=1000,            # T of the ancestral sampler
+            num_samples=64,
+        ),
+        optimizer=dict(
+            learning_rate=2e-4,
+            b1=0.9,
+            b2=0.99,
+            eps=1e-8,
+            weight_decay=0.01,
+            num_steps_lr_warmup=100,
+            grad_clip_norm=0.0,
+            ema_rate=0.9999,
+        ),
+        data=dict(dataset="cifar10", data_dir="", manual_dir="", npz_path=""),
+    )
+
+
+def make_config(model: dict, **sections: dict) -> ml_collections.ConfigDict:
+    """A full config: ModelConfig defaults updated by `model`, the shared defaults by `sections`."""
+    base = default_training()
+    for name, values in sections.items():
+        unknown = set(values) - set(base[name])
+        if unknown:
+            raise ConfigError(f"config.{name} has unknown fields {sorted(unknown)}")
+        base[name].update(values)
+    full_model = ModelConfig().to_dict()
+    unknown = set(model) - set(full_model)
+    if unknown:
+        raise ConfigError(f"config.model has unknown fields {sorted(unknown)}")
+    full_model.update(model)
+    return ml_collections.ConfigDict(dict(model=full_model, **base))
