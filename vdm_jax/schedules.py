@@ -1,0 +1,95 @@
+"""Noise schedules gamma(t) = -log SNR(t), increasing in t, in Flax.
+
+Every schedule maps t of any shape (a Python float, a 0-d or a (B,) array) to gamma of the same shape.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from vdm_common.config import ModelConfig
+from vdm_jax.unet import dtypes
+
+NNET_FEATURES = 1024
+
+
+def constant_init(value):
+    def init(key, shape, dtype=jnp.float32):
+        return jnp.full(shape, value, dtype)
+    return init
+
+
+class FixedLinear(nn.Module):
+    """gamma(t) = gamma_min + (gamma_max - gamma_min) t, no parameters."""
+
+    config: ModelConfig
+
+    def __call__(self, t):
+        cfg = self.config
+        t = jnp.asarray(t, dtypes(cfg)[0])
+        return cfg.gamma_min + (cfg.gamma_max - cfg.gamma_min) * t
+
+
+class LearnedScalar(nn.Module):
+    """gamma(t) = b + |w| t with scalar parameters w, b of shape (1,) (official `NoiseSchedule_Scalar`)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, t):
+        cfg = self.config
+        param_dtype = dtypes(cfg)[0]
+        w = self.param("w", constant_init(cfg.gamma_max - cfg.gamma_min), (1,), param_dtype)
+        b = self.param("b", constant_init(cfg.gamma_min), (1,), param_dtype)
+        t = jnp.asarray(t, param_dtype)
+        return b[0] + jnp.abs(w[0]) * t
+
+
+class DenseMonotone(nn.Module):
+    """Dense layer whose kernel is used through its absolute value, so the map is increasing."""
+
+    features: int
+    use_bias: bool = True
+    kernel_init: nn.initializers.Initializer = nn.initializers.normal(0.01)
+    bias_init: nn.initializers.Initializer = nn.initializers.zeros
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):                                                           # (N, in) -> (N, features)
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
+        y = x @ jnp.abs(kernel)
+        if self.use_bias:
+            y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+        return y
+
+
+class LearnedNNet(nn.Module):
+    """The official monotone network: gamma(t) = l1(t) + l3(2 (sigmoid(l2(2t - 1)) - 1/2)) / 1024.
+
+    l1: 1 -> 1 (kernel gamma_max - gamma_min, bias gamma_min); l2: 1 -> 1024; l3: 1024 -> 1 without bias.
+    """
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, t):
+        cfg = self.config
+        param_dtype = dtypes(cfg)[0]
+        t = jnp.asarray(t, param_dtype)
+        shape = t.shape
+        x = t.reshape(-1, 1)                                                         # (N, 1)
+        h = DenseMonotone(1, kernel_init=constant_init(cfg.gamma_max - cfg.gamma_min),
+                          bias_init=constant_init(cfg.gamma_min), param_dtype=param_dtype, name="l1")(x)
+        g = DenseMonotone(NNET_FEATURES, param_dtype=param_dtype, name="l2")(2.0 * (x - 0.5))
+        g = 2.0 * (jax.nn.sigmoid(g) - 0.5)                                          # (N, 1024) in (-1, 1)
+        h = h + DenseMonotone(1, use_bias=False, param_dtype=param_dtype, name="l3")(g) / NNET_FEATURES
+        return h.reshape(shape)
+
+
+SCHEDULES = {"fixed": FixedLinear, "learnable_scalar": LearnedScalar, "learnable_nnet": LearnedNNet}
+
+
+def make_schedule(config: ModelConfig) -> nn.Module:
+    """The schedule module named by `config.gamma_type` (unbound; named by the attribute it is set to)."""
+    return SCHEDULES[config.gamma_type](config)

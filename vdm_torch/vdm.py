@@ -1,0 +1,189 @@
+"""The Variational Diffusion Model in PyTorch: encoder/decoder, the three VLB terms, ancestral sampling.
+
+Layout NCHW. Images are integers in [0, vocab_size). Loss terms are per example, in nats.
+Randomness: a `torch.Generator` (loss noise when none is injected, sampled decoding); dropout is on
+exactly when `deterministic=False`, whatever the module's train/eval mode, as in the JAX backend.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vdm_common import checks
+from vdm_common.config import ModelConfig
+from vdm_common.types import LossTerms, Noise, bits_per_dim  # noqa: F401  (re-exported, same as vdm_jax)
+from vdm_torch.schedules import make_schedule
+from vdm_torch.unet import ScoreUNet
+
+
+def float_dtype(config: ModelConfig) -> torch.dtype:
+    """The dtype of parameters, t, gamma and the loss terms (float32 unless the model runs in float64)."""
+    return torch.float64 if config.compute_dtype == "float64" else torch.float32
+
+
+def draw_noise(generator: torch.Generator | None, images_shape, config: ModelConfig, device=None) -> Noise:
+    """Draws (t, eps, eps_0) for one loss evaluation: antithetic t if configured, rounded up to k/T in
+    discrete time; eps and eps_0 standard normal of `images_shape` (B, C, H, W)."""
+    dtype = float_dtype(config)
+    batch = images_shape[0]
+    if config.antithetic_time_sampling:
+        t0 = torch.rand((), generator=generator, dtype=dtype, device=device)
+        t = torch.remainder(t0 + torch.arange(batch, dtype=dtype, device=device) / batch, 1.0)
+    else:
+        t = torch.rand((batch,), generator=generator, dtype=dtype, device=device)
+    T = config.sm_n_timesteps
+    if T > 0:
+        t = torch.ceil(t * T) / T
+    eps = torch.randn(images_shape, generator=generator, dtype=dtype, device=device)
+    eps_0 = torch.randn(images_shape, generator=generator, dtype=dtype, device=device)
+    return Noise(t=t, eps=eps, eps_0=eps_0)
+
+
+def check_inputs(images: torch.Tensor, conditioning: torch.Tensor, config: ModelConfig) -> None:
+    """Shape, dtype and value checks of a batch (NCHW integer images, (B,) finite conditioning)."""
+    is_int = not (images.dtype.is_floating_point or images.dtype.is_complex or images.dtype == torch.bool)
+    checks.check_image_shape(images.shape, is_int, str(images.dtype), config.image_channels, channel_axis=1,
+                             layout="NCHW")
+    if not torch.compiler.is_compiling():
+        checks.check_image_values(images.detach().cpu().numpy(), config.vocab_size)
+        checks.check_conditioning(conditioning.detach().float().cpu().numpy(), images.shape[0])
+
+
+class VDM(nn.Module):
+    """Variational Diffusion Model: noise schedule `gamma` + score network `score_model`."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.gamma = make_schedule(config)
+        self.score_model = ScoreUNet(config)
+        self.to(float_dtype(config))
+
+    def forward(self, images, conditioning, noise: Noise | None = None, deterministic: bool = True,
+                generator: torch.Generator | None = None) -> LossTerms:
+        return self.loss_terms(images, conditioning, noise, deterministic, generator)
+
+    @property
+    def float_dtype(self) -> torch.dtype:
+        return float_dtype(self.config)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Integers in [0, V) -> bin centres in (-1, 1): 2 (x + 1/2) / V - 1."""
+        return 2.0 * ((torch.round(x.to(self.float_dtype)) + 0.5) / self.config.vocab_size) - 1.0
+
+    def decode(self, z_0_rescaled: torch.Tensor, g_0: torch.Tensor) -> torch.Tensor:
+        """Exact discretised decoder: log p(x = v | z_0) for every value v, (B, C, H, W) -> (B, C, H, W, V).
+
+        p(x | z_0) is proportional to q(z_0 | x) per dimension, with z_0 rescaled to f + sigma_0/alpha_0 eps.
+        """
+        values = self.encode(torch.arange(self.config.vocab_size, device=z_0_rescaled.device))   # (V,)
+        inv_stdev = torch.exp(-0.5 * g_0)
+        logits = -0.5 * torch.square((z_0_rescaled[..., None] - values) * inv_stdev)
+        return F.log_softmax(logits, dim=-1)
+
+    def log_prob(self, x: torch.Tensor, z_0_rescaled: torch.Tensor, g_0: torch.Tensor) -> torch.Tensor:
+        """log p(x | z_0) summed over channels and pixels: (B,)."""
+        logprobs = self.decode(z_0_rescaled, g_0)                                   # (B, C, H, W, V)
+        picked = torch.gather(logprobs, -1, torch.round(x.to(self.float_dtype)).long()[..., None])
+        return picked.sum(dim=(1, 2, 3, 4))
+
+    def loss_terms(self, images, conditioning, noise: Noise | None = None, deterministic: bool = True,
+                   generator: torch.Generator | None = None) -> LossTerms:
+        """The three VLB terms per example (nats). images: (B, C, H, W) integers; conditioning: (B,).
+
+        noise: the draws to use; when None they are drawn from `generator` (see draw_noise).
+        """
+        cfg = self.config
+        check_inputs(images, conditioning, cfg)
+        if noise is None:
+            noise = draw_noise(generator, images.shape, cfg, device=images.device)
+        g_0, g_1 = self.gamma(0.0), self.gamma(1.0)
+        var_1 = torch.sigmoid(g_1)
+        f = self.encode(images)                                                      # (B, C, H, W)
+
+        # 1. Reconstruction: -log p(x | z_0), z_0 / alpha_0 = f + exp(g_0 / 2) eps_0.
+        recon = -self.log_prob(images, f + torch.exp(0.5 * g_0) * noise.eps_0, g_0)
+
+        # 2. Prior: KL(q(z_1 | x) || N(0, I)) in closed form.
+        klz = 0.5 * torch.sum((1.0 - var_1) * torch.square(f) + var_1 - torch.log(var_1) - 1.0, dim=(1, 2, 3))
+
+        # 3. Diffusion loss at t.
+        T = cfg.sm_n_timesteps
+        t = noise.t
+        if T == 0:
+            # Continuous time: 1/2 gamma'(t) ||eps - eps_hat||^2, gamma'(t) by autograd (kept in the graph,
+            # so the schedule's parameters get its gradient).
+            outer_grad = torch.is_grad_enabled()
+            with torch.enable_grad():
+                t = t.detach().requires_grad_(True)
+                g_t = self.gamma(t)                                                  # (B,)
+                (dg_dt,) = torch.autograd.grad(g_t.sum(), t, create_graph=outer_grad)
+        else:
+            g_t = self.gamma(t)
+        var_t = torch.sigmoid(g_t)[:, None, None, None]
+        z_t = torch.sqrt(1.0 - var_t) * f + torch.sqrt(var_t) * noise.eps
+        eps_hat = self.score_model(z_t, g_t, conditioning, deterministic)
+        mse = torch.sum(torch.square(noise.eps - eps_hat), dim=(1, 2, 3))            # (B,)
+        if T == 0:
+            diff = 0.5 * dg_dt * mse
+        else:
+            # Discrete time with T steps: T/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2, s = t - 1/T.
+            g_s = self.gamma(t - 1.0 / T)
+            diff = 0.5 * T * torch.expm1(g_t - g_s) * mse
+        return LossTerms(recon=recon, klz=klz, diff=diff)
+
+    def sample_step(self, z_t, i, T: int, conditioning, eps):
+        """One ancestral step z_t -> z_s of p(z_s | z_t), t = (T - i)/T, s = (T - i - 1)/T.
+
+        z_t, eps: (B, C, H, W); i: step index 0..T-1; eps: the step's standard normal noise.
+        """
+        t = torch.as_tensor((T - i) / T, dtype=self.float_dtype, device=z_t.device)
+        s = torch.as_tensor((T - 1 - i) / T, dtype=self.float_dtype, device=z_t.device)
+        g_s, g_t = self.gamma(s), self.gamma(t)
+        eps_hat = self.score_model(z_t, g_t.expand(z_t.shape[0]), conditioning, deterministic=True)
+        a = torch.sigmoid(-g_s)
+        c = -torch.expm1(g_s - g_t)
+        sigma_t = torch.sqrt(torch.sigmoid(g_t))
+        mean = torch.sqrt(torch.sigmoid(-g_s) / torch.sigmoid(-g_t)) * (z_t - sigma_t * c * eps_hat)
+        return mean + torch.sqrt((1.0 - a) * c) * eps
+
+    def generate_x(self, z_0, generator: torch.Generator | None = None):
+        """Decodes z_0 (B, C, H, W) to integer images: argmax of p(x | z_0), or a sample when
+        model.sample_softmax (drawn from `generator`)."""
+        g_0 = self.gamma(0.0)
+        logprobs = self.decode(z_0 / torch.sqrt(1.0 - torch.sigmoid(g_0)), g_0)
+        if self.config.sample_softmax:
+            probs = logprobs.exp().reshape(-1, logprobs.shape[-1])
+            draws = torch.multinomial(probs, 1, generator=generator)
+            return draws.reshape(logprobs.shape[:-1]).to(torch.int32)
+        return torch.argmax(logprobs, dim=-1).to(torch.int32)
+
+
+def init_params(config: ModelConfig, seed: int) -> VDM:
+    """A freshly initialised model (parameters drawn from `torch.manual_seed(seed)`-style generator)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return VDM(config)
+
+
+@torch.no_grad()
+def sample(model: VDM, z_1, T: int, conditioning, generator: torch.Generator | None = None, step_noise=None,
+           return_trajectory: bool = False):
+    """Ancestral sampling from z_1 (B, C, H, W) in T steps, then decoding.
+
+    The noise of step i is `step_noise[i]` (T, B, C, H, W) when given, else randn from `generator`.
+    Returns (images int32 (B, C, H, W), z_0), plus the trajectory z_1, ..., z_0 (T + 1, B, C, H, W) if asked.
+    """
+    z = z_1
+    trajectory = [z_1]
+    for i in range(T):
+        eps = step_noise[i] if step_noise is not None else torch.randn(
+            z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        z = model.sample_step(z, i, T, conditioning, eps)
+        if return_trajectory:
+            trajectory.append(z)
+    images = model.generate_x(z, generator)
+    if return_trajectory:
+        return images, z, torch.stack(trajectory)
+    return images, z
