@@ -1,0 +1,257 @@
+"""Metrics logging identical for both trainers: metrics.jsonl, TensorBoard events, progress bar, plots.
+
+Each logged step is one line of `<workdir>/metrics.jsonl`,
+    {"step": 1000, "split": "train", "bpd": 3.41, "learning_rate": 0.0002, ...}
+and the same scalars go to TensorBoard under `<workdir>/tensorboard/<split>/` (so train and eval curves of
+a tag overlay). Also here: parameter counts, a rough per-device memory estimate, and a bpd plot.
+"""
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import os
+import socket
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import tqdm
+from tensorboard.compat.proto import event_pb2, summary_pb2
+from tensorboard.summary.writer.record_writer import RecordWriter
+
+from vdm_common import workdir as workdir_lib
+from vdm_common.config import ModelConfig
+
+SPLITS = ("train", "eval")
+_event_file_ids = itertools.count()
+
+
+class _EventFile:
+    """A TensorBoard event file of scalars, written synchronously.
+
+    `tensorboard.summary.Writer` would do, but its EventFileWriter goes through `tf.io.gfile`, which
+    imports TensorFlow whenever it is installed (the cifar extra installs it) -- slow, and TF beside JAX
+    is a trap. This writes the same records with tensorboard's TF-free RecordWriter and protos.
+    """
+
+    def __init__(self, logdir: Path):
+        logdir.mkdir(parents=True, exist_ok=True)
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{next(_event_file_ids)}")
+        self._records = RecordWriter(open(logdir / name, "wb"))
+        self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+
+    def _write(self, event: event_pb2.Event) -> None:
+        self._records.write(event.SerializeToString())
+
+    def add_scalars(self, step: int, scalars: dict[str, float]) -> None:
+        event = event_pb2.Event(wall_time=time.time(), step=step, summary=summary_pb2.Summary(
+            value=[summary_pb2.Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]))
+        self._write(event)
+        self._records.flush()
+
+    def close(self) -> None:
+        self._records.close()
+
+
+def _scalar(name: str, value: Any) -> float | int:
+    """A Python number from a Python / numpy number or a one-element array (numpy, JAX or torch)."""
+    if hasattr(value, "item"):
+        try:
+            value = value.item()
+        except (ValueError, RuntimeError) as e:
+            raise TypeError(f"metric {name!r} is not a scalar (shape {getattr(value, 'shape', '?')})") from e
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"metric {name!r} = {value!r} is not a number")
+    return value
+
+
+class MetricsWriter:
+    """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard; a no-op when `enabled` is False.
+
+    Pass `enabled=False` on every process but process 0 (JAX process_index / torch rank).
+    """
+
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+        self.enabled = enabled
+        self._paths = workdir_lib.layout(workdir)
+        self._events: dict[str, _EventFile] = {}
+        self._file = None
+        if enabled:
+            self._paths.root.mkdir(parents=True, exist_ok=True)
+            # A run killed mid-line left a partial last line: start ours on a fresh line.
+            partial = False
+            if self._paths.metrics.is_file() and self._paths.metrics.stat().st_size > 0:
+                with open(self._paths.metrics, "rb") as f:
+                    f.seek(-1, os.SEEK_END)
+                    partial = f.read(1) != b"\n"
+            self._file = open(self._paths.metrics, "a", encoding="utf-8")
+            if partial:
+                self._file.write("\n")
+
+    def write(self, step: int, split: str, **scalars: Any) -> None:
+        """Logs the scalars of one step; non-finite values become null in JSON (and NaN/inf in TensorBoard)."""
+        if not self.enabled:
+            return
+        if split not in SPLITS:
+            raise ValueError(f"split {split!r} is not one of {SPLITS}")
+        values = {name: _scalar(name, v) for name, v in scalars.items()}
+        record = {"step": int(step), "split": split}
+        record.update({k: (v if math.isfinite(v) else None) for k, v in values.items()})
+        self._file.write(json.dumps(record, allow_nan=False) + "\n")
+        self._file.flush()
+        if split not in self._events:
+            self._events[split] = _EventFile(self._paths.tensorboard / split)
+        self._events[split].add_scalars(int(step), {k: float(v) for k, v in values.items()})
+
+    def close(self) -> None:
+        """Flushes and closes the files; safe to call twice."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for events in self._events.values():
+            events.close()
+        self._events.clear()
+
+    def __enter__(self) -> "MetricsWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | os.PathLike) -> list[dict]:
+    """The records of a metrics.jsonl, in file order (null values as None).
+
+    Lines that do not parse (a run killed mid-write) are skipped with a warning naming them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file {path}; a training run writes <workdir>/{workdir_lib.METRICS_FILE}")
+    records, bad = [], []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    bad.append(number)
+    if bad:
+        warnings.warn(f"{path}: skipped unreadable line(s) {bad}")
+    return records
+
+
+class ProgressBar:
+    """A tqdm bar over training steps showing bpd, steps/s and the ETA; a no-op when not `enabled`."""
+
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True):
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, disable=not enabled, unit="step",
+                              dynamic_ncols=True, desc="train")
+
+    def update(self, step: int, bpd: Any) -> None:
+        """Moves the bar to `step` (the number of steps done) and shows the latest train bpd."""
+        self._bar.set_postfix(bpd=f"{float(bpd):.4f}", refresh=False)
+        self._bar.update(step - self._bar.n)
+
+    def close(self) -> None:
+        """Closes the bar."""
+        self._bar.close()
+
+
+def format_count(n: int | float) -> str:
+    """A count with a K/M/B suffix and 2 decimals: 30_578_181 -> '30.58M'; below 1000 as is: 512 -> '512'."""
+    if abs(n) < 1000:
+        return f"{n:g}"
+    for scale, suffix in ((1e3, "K"), (1e6, "M"), (1e9, "B")):
+        if round(abs(n) / scale, 2) < 1000:
+            break
+    return f"{n / scale:.2f}{suffix}"
+
+
+def format_bytes(n: int | float) -> str:
+    """A byte count in binary units: 3 * 2**30 -> '3.00 GiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024:
+            return f"{n:.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+def estimate_memory_bytes(num_params: int, activation_elements_per_example: int, batch_per_device: int,
+                          bytes_per_element: int = 4, *, activation_bytes_per_element: int | None = None) -> int:
+    """A rough training-memory estimate for one device, in bytes:
+
+        bytes_per_element * 5 * num_params            params + grads + 2 Adam moments + EMA
+      + activation_bytes_per_element * activation_elements_per_example * batch_per_device
+
+    `activation_bytes_per_element` defaults to `bytes_per_element` (pass 2 under bfloat16 compute: the params
+    stay float32). Ignores framework workspace, fragmentation, the data batch and compiler rematerialisation,
+    so treat it as an order of magnitude, not a limit.
+    """
+    act_bytes = bytes_per_element if activation_bytes_per_element is None else activation_bytes_per_element
+    return bytes_per_element * 5 * num_params + act_bytes * activation_elements_per_example * batch_per_device
+
+
+def unet_activation_elements(model: Any, image_shape: tuple[int, ...]) -> int:
+    """An estimate of the activation elements one example keeps for backward in the score UNet.
+
+    `model`: a ModelConfig, or a config.model ConfigDict / dict; `image_shape`: (H, W) or (H, W, C), the
+    channels being those of the model. With P = H*W pixels, E = sm_n_embd, C_in = C (1 + 2F) with F Fourier
+    frequencies (C without Fourier features), a = attention blocks, it counts per pixel:
+      C_in                      the UNet input (kept for conv_in's weight gradient)
+      3 c + 4 E (+ E)           each resnet block on c input channels: input, GroupNorm and swish on c;
+                                conv1, GroupNorm, swish, conv2 on E; the 1x1 shortcut when c != E
+                                (down and mid blocks: c = E; up blocks: c = 2E, the concatenated skip)
+      6 E + heads * P           each attention block: input, GroupNorm, q, k, v, attention output, and
+                                the (P x P) softmax weights per head
+      2 E                       the final GroupNorm and swish
+    Dropout masks, the time embedding and the loss are left out. An estimate, not a measurement.
+    """
+    mc = model if isinstance(model, ModelConfig) else ModelConfig.from_config(model)
+    height, width = image_shape[:2]
+    pixels, e, n = height * width, mc.sm_n_embd, mc.sm_n_layer
+    c_in = mc.image_channels * (1 + 2 * (mc.fourier_stop - mc.fourier_start) if mc.with_fourier_features else 1)
+    block_down = 3 * e + 4 * e                     # the n down blocks and the 2 mid blocks
+    block_up = 3 * (2 * e) + 4 * e + e             # n + 1 up blocks on 2E channels, with shortcut
+    attn = 6 * e + mc.attention_heads * pixels
+    num_attn = 1 + (2 * n + 1 if mc.with_attention else 0)
+    per_pixel = c_in + (n + 2) * block_down + (n + 1) * block_up + num_attn * attn + 2 * e
+    return pixels * per_pixel
+
+
+def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:
+    """Plots train and eval bpd against step from a metrics.jsonl (either backend's) into a PNG.
+
+    Linear axes; a step logged twice (a resumed run re-logs steps after its last checkpoint) keeps its
+    last value. Raises FileNotFoundError for a missing file and ValueError when no row has a bpd.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    curves = {split: {} for split in SPLITS}
+    for r in read_metrics(metrics_path):
+        if r.get("split") in curves and r.get("bpd") is not None:
+            curves[r["split"]][r["step"]] = r["bpd"]
+    if not any(curves.values()):
+        raise ValueError(f"{metrics_path} has no rows with a bpd value to plot")
+    fig = Figure(figsize=(8, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for split, style in (("train", "-"), ("eval", "o-")):
+        if curves[split]:
+            steps = sorted(curves[split])
+            ax.plot(steps, [curves[split][s] for s in steps], style, label=split, markersize=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("bits per dimension")
+    ax.set_title(f"bpd: {Path(metrics_path).parent.name}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    out_png = Path(out_png)
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    workdir_lib.atomic_write_bytes(out_png, buffer.getvalue())
+    return out_png
