@@ -1,0 +1,124 @@
+"""Training state and the step functions of the PyTorch trainer (no I/O, no process-group decisions).
+
+The update is the official one, written to match `vdm_jax/steps.py` (optax) exactly: loss = bpd of the
+batch, AdamW with weight decay on every parameter but biases, LR warmup linear from 0, optional
+global-norm clipping with optax's formula (no 1e-6 added to the norm, unlike torch's clip_grad_norm_),
+EMA `ema + (1 - rate)(params - ema)` kept on the unwrapped model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import ml_collections
+import torch
+from torch import nn
+
+from vdm_common.config import ModelConfig
+from vdm_common.types import Noise, bits_per_dim, nats_to_bpd_scale
+from vdm_torch.vdm import VDM, draw_noise, init_params
+
+
+@dataclasses.dataclass
+class TrainState:
+    """step: updates done; model: the trained VDM (unwrapped); ema: its EMA copy; optimizer: AdamW."""
+
+    step: int
+    model: VDM
+    ema: VDM
+    optimizer: torch.optim.AdamW
+
+
+def decay_mask(model: nn.Module) -> dict[str, bool]:
+    """True for parameters that get weight decay: all but those named `bias` (the official mask)."""
+    return {name: name.rsplit(".", 1)[-1] != "bias" for name, _ in model.named_parameters()}
+
+
+def learning_rate(opt: ml_collections.ConfigDict):
+    """LR after `count` updates: linear warmup from 0 to learning_rate over num_steps_lr_warmup, then flat."""
+    warmup = opt.num_steps_lr_warmup
+
+    def schedule(count: int) -> float:
+        if warmup == 0:
+            return float(opt.learning_rate)
+        return opt.learning_rate * min(count / warmup, 1.0)
+    return schedule
+
+
+def make_optimizer(model: nn.Module, opt: ml_collections.ConfigDict, fused: bool | None = None) -> torch.optim.AdamW:
+    """AdamW over two groups (decayed, not decayed), in the model's parameter order."""
+    mask = decay_mask(model)
+    decay = [p for n, p in model.named_parameters() if mask[n]]
+    no_decay = [p for n, p in model.named_parameters() if not mask[n]]
+    groups = [{"params": decay, "weight_decay": opt.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=learning_rate(opt)(0), betas=(opt.b1, opt.b2), eps=opt.eps, fused=fused)
+
+
+def create_train_state(model_config: ModelConfig, opt: ml_collections.ConfigDict, seed: int,
+                       device: torch.device | str = "cpu", fused: bool | None = None) -> TrainState:
+    """Fresh parameters (from seed), EMA equal to them, an AdamW without moments yet, step 0."""
+    model = init_params(model_config, seed).to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    return TrainState(step=0, model=model, ema=ema, optimizer=make_optimizer(model, opt, fused))
+
+
+def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator of a global step's noise: seeded by (seed, step), identical on every rank."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed((seed * 1_000_003 + step) % (2**63))
+    return generator
+
+
+def clip_by_global_norm_(params, max_norm: float) -> torch.Tensor:
+    """Scales gradients by min(1, max_norm / norm) in place (optax's formula); returns the norm before."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if max_norm > 0:
+        scale = torch.where(norm < max_norm, torch.ones_like(norm), max_norm / norm)
+        torch._foreach_mul_(grads, scale)
+    return norm
+
+
+@torch.no_grad()
+def update_ema_(ema: nn.Module, model: nn.Module, rate: float) -> None:
+    """ema <- ema + (1 - rate) (params - ema), parameter by parameter."""
+    ema_params = list(ema.parameters())
+    torch._foreach_lerp_(ema_params, [p.detach() for p in model.parameters()], 1.0 - rate)
+
+
+def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state: TrainState, images,
+               conditioning, generator: torch.Generator | None = None, noise: Noise | None = None,
+               deterministic: bool | None = None, forward: nn.Module | None = None) -> dict:
+    """One optimizer step on images (B, C, H, W), conditioning (B,); updates `state` in place.
+
+    noise: injected draws (parity tests); None draws them from `generator`.
+    deterministic: dropout off; defaults to model.sm_pdrop == 0.
+    forward: the module to call (a DDP wrapper of state.model, which averages the gradients); default
+    state.model.
+    Returns metrics bpd, its parts, grad_norm (before clipping), learning_rate, as 0-d tensors (no sync).
+    """
+    if noise is None:
+        noise = draw_noise(generator, images.shape, model_config, device=images.device)
+    if deterministic is None:
+        deterministic = model_config.sm_pdrop == 0
+    lr = learning_rate(opt)(state.step)
+    for group in state.optimizer.param_groups:
+        group["lr"] = lr
+    forward = state.model if forward is None else forward
+    state.optimizer.zero_grad(set_to_none=True)
+    parts = bits_per_dim(forward(images, conditioning, noise, deterministic), images.shape[1:])
+    parts["bpd"].backward()
+    grad_norm = clip_by_global_norm_(list(state.model.parameters()), opt.grad_clip_norm)
+    state.optimizer.step()
+    update_ema_(state.ema, state.model, opt.ema_rate)
+    state.step += 1
+    metrics = {k: v.detach() for k, v in parts.items()}
+    metrics.update(grad_norm=grad_norm.detach(), learning_rate=torch.tensor(lr))
+    return metrics
+
+
+@torch.no_grad()
+def eval_terms(model: VDM, images, conditioning, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-example -ELBO in bits/dim (B,) with noise from generator (dropout off): the eval quantity."""
+    terms = model.loss_terms(images, conditioning, deterministic=True, generator=generator)
+    return (terms.recon + terms.klz + terms.diff) * nats_to_bpd_scale(images.shape[1:])
