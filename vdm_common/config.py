@@ -21,7 +21,7 @@ from typing import Any, Sequence
 
 import ml_collections
 
-GAMMA_TYPES = ("fixed", "learnable_scalar", "learnable_nnet")
+GAMMA_TYPES = ("fixed", "learnable_scalar", "learnable_nnet", "learnable_nnet_endpoints")
 FOURIER_ORDERS = ("channel_major", "frequency_major")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 DATASETS = ("digits", "cifar10", "cifar10_aug", "imagenet32", "npz")
@@ -46,6 +46,9 @@ class ModelConfig:
     gamma_type: str = "learnable_scalar"
     gamma_min: float = -13.3
     gamma_max: float = 5.0
+    # learnable_nnet_endpoints only: train the schedule's shape to minimise the variance of the diffusion
+    # loss estimate (paper Appendix I.2) while the endpoints follow the VLB.
+    variance_minimisation: bool = False
     # Score UNet.
     sm_n_timesteps: int = 0            # 0: continuous-time loss; T > 0: discrete-time loss with T steps
     sm_n_embd: int = 128               # channels of every block
@@ -99,6 +102,12 @@ def validate_model(m: ModelConfig) -> None:
     _require(_is_int(m.image_channels) and m.image_channels >= 1, "model.image_channels", m.image_channels,
              "an integer >= 1")
     _require(m.gamma_type in GAMMA_TYPES, "model.gamma_type", m.gamma_type, f"one of {GAMMA_TYPES}")
+    _require(not m.variance_minimisation or m.gamma_type == "learnable_nnet_endpoints",
+             "model.variance_minimisation", m.variance_minimisation,
+             "needs model.gamma_type = 'learnable_nnet_endpoints' (a schedule whose shape is separate from its "
+             f"endpoints), not {m.gamma_type!r}")
+    _require(not m.variance_minimisation or m.sm_n_timesteps == 0, "model.variance_minimisation",
+             m.variance_minimisation, "applies to the continuous-time loss: set model.sm_n_timesteps = 0")
     _require(float(m.gamma_min) < float(m.gamma_max), "model.gamma_min", m.gamma_min,
              f"gamma_min must be below gamma_max ({m.gamma_max}); gamma is -log SNR and increases with t")
     _require(_is_int(m.sm_n_timesteps) and m.sm_n_timesteps >= 0, "model.sm_n_timesteps", m.sm_n_timesteps,

@@ -87,7 +87,42 @@ class LearnedNNet(nn.Module):
         return h.reshape(shape)
 
 
-SCHEDULES = {"fixed": FixedLinear, "learnable_scalar": LearnedScalar, "learnable_nnet": LearnedNNet}
+class LearnedNNetEndpoints(nn.Module):
+    """A monotone network's shape between learned endpoints (paper Appendix I.2):
+
+        gamma(t) = gamma_0 + |gamma_1 - gamma_0| (f(t) - f(0)) / (f(1) - f(0)),  f = LearnedNNet.
+
+    gamma(0) = gamma_0 and gamma(1) = gamma_1 exactly (for gamma_1 > gamma_0), so the VLB's prior and
+    reconstruction terms depend on the endpoints only, and the network f only shapes the path between them.
+    """
+
+    config: ModelConfig
+
+    def setup(self):
+        cfg = self.config
+        param_dtype = dtypes(cfg)[0]
+        self.gamma_0 = self.param("gamma_0", constant_init(cfg.gamma_min), (1,), param_dtype)
+        self.gamma_1 = self.param("gamma_1", constant_init(cfg.gamma_max), (1,), param_dtype)
+        self.f = LearnedNNet(cfg)
+
+    def endpoints(self):
+        """(gamma(0), gamma(1)) as 0-d arrays."""
+        g0 = self.gamma_0[0]
+        return g0, g0 + jnp.abs(self.gamma_1[0] - g0)
+
+    def shape(self, t):
+        """(f(t) - f(0)) / (f(1) - f(0)): increasing from 0 at t=0 to 1 at t=1, same shape as t."""
+        t = jnp.asarray(t, dtypes(self.config)[0])
+        f_ends = self.f(jnp.array([0.0, 1.0], t.dtype))
+        return (self.f(t) - f_ends[0]) / (f_ends[1] - f_ends[0])
+
+    def __call__(self, t):
+        g0, g1 = self.endpoints()
+        return g0 + (g1 - g0) * self.shape(t)
+
+
+SCHEDULES = {"fixed": FixedLinear, "learnable_scalar": LearnedScalar, "learnable_nnet": LearnedNNet,
+             "learnable_nnet_endpoints": LearnedNNetEndpoints}
 
 
 def make_schedule(config: ModelConfig) -> nn.Module:

@@ -14,7 +14,7 @@ import numpy as np
 
 from vdm_common import checks
 from vdm_common.config import ModelConfig
-from vdm_common.types import LossTerms, Noise, bits_per_dim  # noqa: F401  (re-exported, same as vdm_torch)
+from vdm_common.types import LossTerms, Noise, bits_per_dim, nats_to_bpd_scale  # noqa: F401  (re-exported)
 from vdm_jax.schedules import make_schedule
 from vdm_jax.unet import ScoreUNet, dtypes
 
@@ -36,6 +36,14 @@ def draw_noise(rng: jax.Array, images_shape, config: ModelConfig) -> Noise:
     eps = jax.random.normal(rng_eps, images_shape, dtype)
     eps_0 = jax.random.normal(rng_eps0, images_shape, dtype)
     return Noise(t=t, eps=eps, eps_0=eps_0)
+
+
+def noise_mse(score_model, f, g_t, eps, conditioning, deterministic: bool):
+    """||eps - eps_hat(z_t)||^2 per example (B,), z_t = alpha_t f + sigma_t eps with sigma_t^2 = sigmoid(g_t)."""
+    var_t = jax.nn.sigmoid(g_t)[:, None, None, None]
+    z_t = jnp.sqrt(1.0 - var_t) * f + jnp.sqrt(var_t) * eps
+    eps_hat = score_model(z_t, g_t, conditioning, deterministic)
+    return jnp.sum(jnp.square(eps - eps_hat), axis=(1, 2, 3))
 
 
 def check_inputs(images, conditioning, config: ModelConfig) -> None:
@@ -104,22 +112,56 @@ class VDM(nn.Module):
         klz = 0.5 * jnp.sum((1.0 - var_1) * jnp.square(f) + var_1 - jnp.log(var_1) - 1.0, axis=(1, 2, 3))
 
         # 3. Diffusion loss at t.
+        if cfg.variance_minimisation:
+            diff = self.variance_minimising_diffusion_loss(f, noise, conditioning, deterministic)
+        else:
+            diff = self.diffusion_loss(f, noise, conditioning, deterministic)
+        return LossTerms(recon=recon, klz=klz, diff=diff)
+
+    def diffusion_loss(self, f, noise: Noise, conditioning, deterministic: bool):
+        """Diffusion term per example (B,): continuous time, or discrete time with T = model.sm_n_timesteps."""
         t = noise.t
         g_t = self.gamma(t)                                                          # (B,)
-        var_t = jax.nn.sigmoid(g_t)[:, None, None, None]
-        z_t = jnp.sqrt(1.0 - var_t) * f + jnp.sqrt(var_t) * noise.eps
-        eps_hat = self.score_model(z_t, g_t, conditioning, deterministic)
-        mse = jnp.sum(jnp.square(noise.eps - eps_hat), axis=(1, 2, 3))                # (B,)
-        T = cfg.sm_n_timesteps
+        mse = noise_mse(self.score_model, f, g_t, noise.eps, conditioning, deterministic)
+        T = self.config.sm_n_timesteps
         if T == 0:
             # Continuous time: 1/2 gamma'(t) ||eps - eps_hat||^2.
             _, dg_dt = jax.jvp(self.gamma, (t,), (jnp.ones_like(t),))
-            diff = 0.5 * dg_dt * mse
-        else:
-            # Discrete time with T steps: T/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2, s = t - 1/T.
-            g_s = self.gamma(t - 1.0 / T)
-            diff = 0.5 * T * jnp.expm1(g_t - g_s) * mse
-        return LossTerms(recon=recon, klz=klz, diff=diff)
+            return 0.5 * dg_dt * mse
+        # Discrete time with T steps: T/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2, s = t - 1/T.
+        g_s = self.gamma(t - 1.0 / T)
+        return 0.5 * T * jnp.expm1(g_t - g_s) * mse
+
+    def variance_minimising_diffusion_loss(self, f, noise: Noise, conditioning, deterministic: bool):
+        """Continuous-time diffusion term (B,) whose gradient for the schedule's shape network is that of
+        the mean squared per-example loss in bits/dim (paper Appendix I.2); everything else gets the VLB's.
+
+        gamma_t = g0 + (g1 - g0) s(t) and gamma'(t) = (g1 - g0) s'(t) enter a custom-VJP function of
+        (s(t), s'(t)) whose backward multiplies their per-example cotangents by 2 L_i (L_i in bits/dim, no
+        gradient through it). The shape network's parameters get d/d eta mean(L_i^2) in the same backward
+        pass; the UNet and the endpoints get the usual cotangents.
+        """
+        t = noise.t
+        s_t, ds_dt = jax.jvp(self.gamma.shape, (t,), (jnp.ones_like(t),))            # (B,) each
+        g0, g1 = self.gamma.endpoints()
+        bpd_scale = nats_to_bpd_scale(f.shape[1:])
+
+        def loss(score_model, s_t, ds_dt, g0, g1):
+            g_t = g0 + (g1 - g0) * s_t
+            mse = noise_mse(score_model, f, g_t, noise.eps, conditioning, deterministic)
+            return 0.5 * (g1 - g0) * ds_dt * mse
+
+        def forward(score_model, *args):
+            value, vjp_fn = nn.vjp(loss, score_model, *args)
+            return value, (value, vjp_fn)
+
+        def backward(residuals, cotangent):
+            value, vjp_fn = residuals
+            params_ct, s_ct, ds_ct, g0_ct, g1_ct = vjp_fn(cotangent)
+            weight = 2.0 * jax.lax.stop_gradient(value) * bpd_scale                   # 2 L_i in bits/dim
+            return params_ct, weight * s_ct, weight * ds_ct, g0_ct, g1_ct
+
+        return nn.custom_vjp(loss, forward_fn=forward, backward_fn=backward)(self.score_model, s_t, ds_dt, g0, g1)
 
     def sample_step(self, z_t, i, T: int, conditioning, eps):
         """One ancestral step z_t -> z_s of p(z_s | z_t), t = (T - i)/T, s = (T - i - 1)/T.

@@ -81,7 +81,39 @@ class LearnedNNet(nn.Module):
         return (self.l1(x) + self.l3(g) / NNET_FEATURES).reshape(t.shape)
 
 
-SCHEDULES = {"fixed": FixedLinear, "learnable_scalar": LearnedScalar, "learnable_nnet": LearnedNNet}
+class LearnedNNetEndpoints(nn.Module):
+    """A monotone network's shape between learned endpoints (paper Appendix I.2):
+
+        gamma(t) = gamma_0 + |gamma_1 - gamma_0| (f(t) - f(0)) / (f(1) - f(0)),  f = LearnedNNet.
+
+    gamma(0) = gamma_0 and gamma(1) = gamma_1 exactly (for gamma_1 > gamma_0), so the VLB's prior and
+    reconstruction terms depend on the endpoints only, and the network f only shapes the path between them.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gamma_0 = nn.Parameter(torch.full((1,), float(config.gamma_min)))
+        self.gamma_1 = nn.Parameter(torch.full((1,), float(config.gamma_max)))
+        self.f = LearnedNNet(config)
+
+    def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gamma(0), gamma(1)) as 0-d tensors."""
+        g0 = self.gamma_0[0]
+        return g0, g0 + torch.abs(self.gamma_1[0] - g0)
+
+    def shape(self, t) -> torch.Tensor:
+        """(f(t) - f(0)) / (f(1) - f(0)): increasing from 0 at t=0 to 1 at t=1, same shape as t."""
+        t = as_tensor(t, self.gamma_0, self.gamma_0.dtype)
+        f_ends = self.f(torch.tensor([0.0, 1.0], dtype=t.dtype, device=t.device))
+        return (self.f(t) - f_ends[0]) / (f_ends[1] - f_ends[0])
+
+    def forward(self, t) -> torch.Tensor:
+        g0, g1 = self.endpoints()
+        return g0 + (g1 - g0) * self.shape(t)
+
+
+SCHEDULES = {"fixed": FixedLinear, "learnable_scalar": LearnedScalar, "learnable_nnet": LearnedNNet,
+             "learnable_nnet_endpoints": LearnedNNetEndpoints}
 
 
 def make_schedule(config: ModelConfig) -> nn.Module:

@@ -12,7 +12,7 @@ from torch import nn
 
 from vdm_common import checks
 from vdm_common.config import ModelConfig
-from vdm_common.types import LossTerms, Noise, bits_per_dim  # noqa: F401  (re-exported, same as vdm_jax)
+from vdm_common.types import LossTerms, Noise, bits_per_dim, nats_to_bpd_scale  # noqa: F401  (re-exported)
 from vdm_torch.schedules import make_schedule
 from vdm_torch.unet import ScoreUNet
 
@@ -38,6 +38,40 @@ def draw_noise(generator: torch.Generator | None, images_shape, config: ModelCon
     eps = torch.randn(images_shape, generator=generator, dtype=dtype, device=device)
     eps_0 = torch.randn(images_shape, generator=generator, dtype=dtype, device=device)
     return Noise(t=t, eps=eps, eps_0=eps_0)
+
+
+def noise_mse(score_model, f, g_t, eps, conditioning, deterministic: bool) -> torch.Tensor:
+    """||eps - eps_hat(z_t)||^2 per example (B,), z_t = alpha_t f + sigma_t eps with sigma_t^2 = sigmoid(g_t)."""
+    var_t = torch.sigmoid(g_t)[:, None, None, None]
+    z_t = torch.sqrt(1.0 - var_t) * f + torch.sqrt(var_t) * eps
+    eps_hat = score_model(z_t, g_t, conditioning, deterministic)
+    return torch.sum(torch.square(eps - eps_hat), dim=(1, 2, 3))
+
+
+def value_and_time_derivative(fn, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(fn(t), d fn / dt) for an elementwise fn of t (B,), the derivative kept in the graph when gradients
+    are on, so the parameters of fn get its gradient (the torch counterpart of jax.jvp)."""
+    outer_grad = torch.is_grad_enabled()
+    with torch.enable_grad():
+        t = t.detach().requires_grad_(True)
+        value = fn(t)
+        (derivative,) = torch.autograd.grad(value.sum(), t, create_graph=outer_grad)
+    return value, derivative
+
+
+class ScaleShapeGradient(torch.autograd.Function):
+    """Identity on (s_t, ds_dt); the backward multiplies both per-example cotangents by holder['weight'],
+    which the forward pass fills in once the loss it scales by is known."""
+
+    @staticmethod
+    def forward(ctx, s_t, ds_dt, holder):
+        ctx.holder = holder
+        return s_t.view_as(s_t), ds_dt.view_as(ds_dt)
+
+    @staticmethod
+    def backward(ctx, s_ct, ds_ct):
+        weight = ctx.holder["weight"]
+        return s_ct * weight, ds_ct * weight, None
 
 
 def check_inputs(images: torch.Tensor, conditioning: torch.Tensor, config: ModelConfig) -> None:
@@ -109,29 +143,42 @@ class VDM(nn.Module):
         klz = 0.5 * torch.sum((1.0 - var_1) * torch.square(f) + var_1 - torch.log(var_1) - 1.0, dim=(1, 2, 3))
 
         # 3. Diffusion loss at t.
-        T = cfg.sm_n_timesteps
-        t = noise.t
-        if T == 0:
-            # Continuous time: 1/2 gamma'(t) ||eps - eps_hat||^2, gamma'(t) by autograd (kept in the graph,
-            # so the schedule's parameters get its gradient).
-            outer_grad = torch.is_grad_enabled()
-            with torch.enable_grad():
-                t = t.detach().requires_grad_(True)
-                g_t = self.gamma(t)                                                  # (B,)
-                (dg_dt,) = torch.autograd.grad(g_t.sum(), t, create_graph=outer_grad)
+        if cfg.variance_minimisation:
+            diff = self.variance_minimising_diffusion_loss(f, noise, conditioning, deterministic)
         else:
-            g_t = self.gamma(t)
-        var_t = torch.sigmoid(g_t)[:, None, None, None]
-        z_t = torch.sqrt(1.0 - var_t) * f + torch.sqrt(var_t) * noise.eps
-        eps_hat = self.score_model(z_t, g_t, conditioning, deterministic)
-        mse = torch.sum(torch.square(noise.eps - eps_hat), dim=(1, 2, 3))            # (B,)
-        if T == 0:
-            diff = 0.5 * dg_dt * mse
-        else:
-            # Discrete time with T steps: T/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2, s = t - 1/T.
-            g_s = self.gamma(t - 1.0 / T)
-            diff = 0.5 * T * torch.expm1(g_t - g_s) * mse
+            diff = self.diffusion_loss(f, noise, conditioning, deterministic)
         return LossTerms(recon=recon, klz=klz, diff=diff)
+
+    def diffusion_loss(self, f, noise: Noise, conditioning, deterministic: bool) -> torch.Tensor:
+        """Diffusion term per example (B,): continuous time, or discrete time with T = model.sm_n_timesteps."""
+        T = self.config.sm_n_timesteps
+        if T == 0:
+            # Continuous time: 1/2 gamma'(t) ||eps - eps_hat||^2.
+            g_t, dg_dt = value_and_time_derivative(self.gamma, noise.t)
+            return 0.5 * dg_dt * noise_mse(self.score_model, f, g_t, noise.eps, conditioning, deterministic)
+        # Discrete time with T steps: T/2 (exp(gamma_t - gamma_s) - 1) ||eps - eps_hat||^2, s = t - 1/T.
+        g_t = self.gamma(noise.t)
+        g_s = self.gamma(noise.t - 1.0 / T)
+        mse = noise_mse(self.score_model, f, g_t, noise.eps, conditioning, deterministic)
+        return 0.5 * T * torch.expm1(g_t - g_s) * mse
+
+    def variance_minimising_diffusion_loss(self, f, noise: Noise, conditioning, deterministic: bool):
+        """Continuous-time diffusion term (B,) whose gradient for the schedule's shape network is that of
+        the mean squared per-example loss in bits/dim (paper Appendix I.2); everything else gets the VLB's.
+
+        gamma_t = g0 + (g1 - g0) s(t) and gamma'(t) = (g1 - g0) s'(t), with (s(t), s'(t)) passed through an
+        autograd Function whose backward multiplies their per-example cotangents by 2 L_i (L_i in bits/dim,
+        no gradient through it). The shape network's parameters get d/d eta mean(L_i^2) in the same
+        backward pass; the UNet and the endpoints get the usual gradients.
+        """
+        s_t, ds_dt = value_and_time_derivative(self.gamma.shape, noise.t)             # (B,) each
+        holder = {}
+        s_t, ds_dt = ScaleShapeGradient.apply(s_t, ds_dt, holder)
+        g0, g1 = self.gamma.endpoints()
+        g_t = g0 + (g1 - g0) * s_t
+        diff = 0.5 * (g1 - g0) * ds_dt * noise_mse(self.score_model, f, g_t, noise.eps, conditioning, deterministic)
+        holder["weight"] = 2.0 * diff.detach() * nats_to_bpd_scale(f.shape[1:])        # read by the backward
+        return diff
 
     def sample_step(self, z_t, i, T: int, conditioning, eps):
         """One ancestral step z_t -> z_s of p(z_s | z_t), t = (T - i)/T, s = (T - i - 1)/T.
