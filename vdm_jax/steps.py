@@ -111,11 +111,14 @@ def train_substeps(model_config: ModelConfig, opt: ml_collections.ConfigDict, st
     """`S` optimizer steps in one call (lax.scan): images (S, B, H, W, C), conditioning (S, B).
 
     Returns (state, metrics averaged over the S steps).
+    On the CPU backend the scan is unrolled: XLA:CPU runs convolutions inside a while loop far slower
+    (measured on the quickstart model: 3-4 s per step in a rolled scan, 0.11 s unrolled, 0.065 s alone).
     """
     def body(state, batch):
         return train_step(model_config, opt, state, batch[0], batch[1], rng)
 
-    state, metrics = jax.lax.scan(body, state, (images, conditioning))
+    unroll = images.shape[0] if jax.default_backend() == "cpu" else 1
+    state, metrics = jax.lax.scan(body, state, (images, conditioning), unroll=unroll)
     return state, jax.tree_util.tree_map(jnp.mean, metrics)
 
 
