@@ -34,11 +34,14 @@ def check_image_values(images: np.ndarray, vocab_size: int) -> None:
                          f"(model.vocab_size = {vocab_size}); rescale the data or set model.vocab_size")
 
 
-def check_conditioning(conditioning: np.ndarray, batch: int) -> None:
-    """Conditioning must be one finite scalar per example, shape (B,)."""
-    if conditioning.shape != (batch,):
-        raise InputError(f"conditioning must have shape ({batch},), one scalar per image, "
-                         f"got {conditioning.shape}")
+def check_conditioning_shape(shape, batch: int) -> None:
+    """Conditioning must be one scalar per example, shape (B,)."""
+    if tuple(shape) != (batch,):
+        raise InputError(f"conditioning must have shape ({batch},), one scalar per image, got {tuple(shape)}")
+
+
+def check_conditioning_values(conditioning: np.ndarray) -> None:
+    """Value check on concrete conditioning: every entry finite."""
     if not np.all(np.isfinite(conditioning)):
         raise InputError("conditioning holds non-finite values (nan or inf); pass finite scalars "
                          "(0 for plain images, 1 for augmented ones)")

@@ -98,6 +98,15 @@ def _is_int(value: Any) -> bool:
 
 def validate_model(m: ModelConfig) -> None:
     """Raises ConfigError for the first field of the model config that the model cannot use."""
+    for field in dataclasses.fields(m):
+        value = getattr(m, field.name)
+        if field.type == "bool":
+            _require(isinstance(value, bool), f"model.{field.name}", value, "True or False")
+        elif field.type == "float":
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"model.{field.name}",
+                     value, "a number")
+        elif field.type == "str":
+            _require(isinstance(value, str), f"model.{field.name}", value, "a string")
     _require(_is_int(m.vocab_size) and m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "an integer >= 2")
     _require(_is_int(m.image_channels) and m.image_channels >= 1, "model.image_channels", m.image_channels,
              "an integer >= 1")
@@ -112,8 +121,8 @@ def validate_model(m: ModelConfig) -> None:
              f"gamma_min must be below gamma_max ({m.gamma_max}); gamma is -log SNR and increases with t")
     _require(_is_int(m.sm_n_timesteps) and m.sm_n_timesteps >= 0, "model.sm_n_timesteps", m.sm_n_timesteps,
              "0 for the continuous-time loss or a number of steps T >= 1")
-    _require(_is_int(m.sm_n_embd) and m.sm_n_embd >= 2 and m.sm_n_embd % 2 == 0, "model.sm_n_embd",
-             m.sm_n_embd, "an even integer >= 2")
+    _require(_is_int(m.sm_n_embd) and m.sm_n_embd >= 4 and m.sm_n_embd % 2 == 0, "model.sm_n_embd",
+             m.sm_n_embd, "an even integer >= 4 (the time embedding needs at least two frequencies)")
     _require(_is_int(m.sm_n_layer) and m.sm_n_layer >= 0, "model.sm_n_layer", m.sm_n_layer, "an integer >= 0")
     _require(0.0 <= m.sm_pdrop < 1.0, "model.sm_pdrop", m.sm_pdrop, "a probability in [0, 1)")
     _require(_is_int(m.fourier_start) and _is_int(m.fourier_stop) and m.fourier_start < m.fourier_stop,
@@ -200,11 +209,17 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     old = node[leaf]
     if isinstance(old, float) and _is_int(value):
         value = float(value)
-    node[leaf] = value
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise ConfigError(f"override config.{dotted} = {value!r}: expected a {type(old).__name__} "
+                          f"like the current value {old!r}") from err
 
 
 def _parse_literal(raw: str) -> Any:
     import ast
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):

@@ -50,10 +50,11 @@ def check_inputs(images, conditioning, config: ModelConfig) -> None:
     """Shape and dtype checks always; value checks when the arrays are concrete (not traced by jit)."""
     checks.check_image_shape(images.shape, jnp.issubdtype(images.dtype, jnp.integer), str(images.dtype),
                              config.image_channels, channel_axis=3, layout="NHWC")
+    checks.check_conditioning_shape(jnp.shape(conditioning), images.shape[0])
     if not isinstance(images, jax.core.Tracer):
         checks.check_image_values(np.asarray(images), config.vocab_size)
     if not isinstance(conditioning, jax.core.Tracer):
-        checks.check_conditioning(np.asarray(conditioning), images.shape[0])
+        checks.check_conditioning_values(np.asarray(conditioning))
 
 
 class VDM(nn.Module):
@@ -172,11 +173,11 @@ class VDM(nn.Module):
         s = (T - 1 - jnp.asarray(i, self.float_dtype)) / T
         g_s, g_t = self.gamma(s), self.gamma(t)
         eps_hat = self.score_model(z_t, jnp.broadcast_to(g_t, (z_t.shape[0],)), conditioning, deterministic=True)
-        a = jax.nn.sigmoid(-g_s)
         c = -jnp.expm1(g_s - g_t)
         sigma_t = jnp.sqrt(jax.nn.sigmoid(g_t))
         mean = jnp.sqrt(jax.nn.sigmoid(-g_s) / jax.nn.sigmoid(-g_t)) * (z_t - sigma_t * c * eps_hat)
-        return mean + jnp.sqrt((1.0 - a) * c) * eps
+        # sigma_s^2 c written as sigmoid(g_s) c: 1 - sigmoid(-g_s) cancels in float32 at g_s = -13.3.
+        return mean + jnp.sqrt(jax.nn.sigmoid(g_s) * c) * eps
 
     def generate_x(self, z_0, rng: jax.Array | None = None):
         """Decodes z_0 (B, H, W, C) to integer images: argmax of p(x | z_0), or a sample when

@@ -145,6 +145,14 @@ class ScoreUNet(nn.Module):
                 deterministic: bool = True) -> torch.Tensor:
         """z: (B, C, H, W); g_t: () or (B,) gamma at t; conditioning: (B,). Returns eps_hat (B, C, H, W)."""
         cfg = self.config
+        with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=cfg.compute_dtype == "bfloat16"):
+            eps_pred = self._predict(z, g_t, conditioning, deterministic)
+        # Base measure: at init (zero conv_out) the model predicts eps_hat = z.
+        return (eps_pred + z).to(z.dtype)
+
+    def _predict(self, z, g_t, conditioning, deterministic: bool) -> torch.Tensor:
+        """The network's correction to the base measure: eps_hat - z, (B, C, H, W)."""
+        cfg = self.config
         B = z.shape[0]
         # t in [0, 1] from gamma through the config's (fixed) range, as the official model does.
         t = ((g_t - cfg.gamma_min) / (cfg.gamma_max - cfg.gamma_min)).to(z.dtype).expand(B)
@@ -169,6 +177,4 @@ class ScoreUNet(nn.Module):
             if cfg.with_attention:
                 h = self.up[f"attn_{i}"](h)
         assert not hs
-        eps_pred = self.conv_out(F.silu(self.GroupNorm_0(h)))
-        # Base measure: at init (zero conv_out) the model predicts eps_hat = z.
-        return (eps_pred + z).to(z.dtype)
+        return self.conv_out(F.silu(self.GroupNorm_0(h)))

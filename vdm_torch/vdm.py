@@ -52,8 +52,8 @@ def value_and_time_derivative(fn, t: torch.Tensor) -> tuple[torch.Tensor, torch.
     """(fn(t), d fn / dt) for an elementwise fn of t (B,), the derivative kept in the graph when gradients
     are on, so the parameters of fn get its gradient (the torch counterpart of jax.jvp)."""
     outer_grad = torch.is_grad_enabled()
-    with torch.enable_grad():
-        t = t.detach().requires_grad_(True)
+    with torch.inference_mode(False), torch.enable_grad():
+        t = t.detach().clone().requires_grad_(True)
         value = fn(t)
         (derivative,) = torch.autograd.grad(value.sum(), t, create_graph=outer_grad)
     return value, derivative
@@ -79,9 +79,10 @@ def check_inputs(images: torch.Tensor, conditioning: torch.Tensor, config: Model
     is_int = not (images.dtype.is_floating_point or images.dtype.is_complex or images.dtype == torch.bool)
     checks.check_image_shape(images.shape, is_int, str(images.dtype), config.image_channels, channel_axis=1,
                              layout="NCHW")
+    checks.check_conditioning_shape(conditioning.shape, images.shape[0])
     if not torch.compiler.is_compiling():
         checks.check_image_values(images.detach().cpu().numpy(), config.vocab_size)
-        checks.check_conditioning(conditioning.detach().float().cpu().numpy(), images.shape[0])
+        checks.check_conditioning_values(conditioning.detach().float().cpu().numpy())
 
 
 class VDM(nn.Module):
@@ -189,11 +190,11 @@ class VDM(nn.Module):
         s = torch.as_tensor((T - 1 - i) / T, dtype=self.float_dtype, device=z_t.device)
         g_s, g_t = self.gamma(s), self.gamma(t)
         eps_hat = self.score_model(z_t, g_t.expand(z_t.shape[0]), conditioning, deterministic=True)
-        a = torch.sigmoid(-g_s)
         c = -torch.expm1(g_s - g_t)
         sigma_t = torch.sqrt(torch.sigmoid(g_t))
         mean = torch.sqrt(torch.sigmoid(-g_s) / torch.sigmoid(-g_t)) * (z_t - sigma_t * c * eps_hat)
-        return mean + torch.sqrt((1.0 - a) * c) * eps
+        # sigma_s^2 c written as sigmoid(g_s) c: 1 - sigmoid(-g_s) cancels in float32 at g_s = -13.3.
+        return mean + torch.sqrt(torch.sigmoid(g_s) * c) * eps
 
     def generate_x(self, z_0, generator: torch.Generator | None = None):
         """Decodes z_0 (B, C, H, W) to integer images: argmax of p(x | z_0), or a sample when
