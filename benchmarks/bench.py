@@ -1,0 +1,249 @@
+"""Both backends side by side: training step, sampling, eval throughput, peak memory, utilisation.
+
+    python -m benchmarks.bench                                  # small and medium, fp32 and bf16
+    python -m benchmarks.bench --sizes=small --dtypes=float32 --steps=10 --out=docs/benchmarks
+
+Each (backend, size, dtype) runs in its own subprocess, one after the other, so peak memory and thread
+pools do not mix. A worker times N training steps after warm-up (median and spread, device
+synchronised), sampling steps, and eval batches, and a large GEMM in the same framework on the same
+device: the matmul ceiling. Utilisation = analytic FLOPs of a training step (vdm_common/flops.py) per
+second of median step time, divided by that ceiling. Writes bench.json and bench.md under --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+
+from vdm_common.config import ModelConfig, make_config
+from vdm_common.flops import sample_step_flops, train_step_flops
+
+# The small config is the one the upstream implementations were timed on (16x16x3, batch 16, 64 channels,
+# 8 blocks, Fourier features, mid attention only, dropout 0.1, learned scalar schedule, one AdamW step).
+SIZES = {
+    "small": dict(image=(16, 16, 3), batch=16, model=dict(sm_n_embd=64, sm_n_layer=8)),
+    "medium": dict(image=(32, 32, 3), batch=32, model=dict(sm_n_embd=128, sm_n_layer=8)),
+    "cifar10": dict(image=(32, 32, 3), batch=128, model=dict(sm_n_embd=128, sm_n_layer=32)),
+}
+BASE_MODEL = dict(vocab_size=256, image_channels=3, gamma_type="learnable_scalar", sm_pdrop=0.1,
+                  with_fourier_features=True, with_attention=False)
+
+
+def model_for(size: str, dtype: str) -> ModelConfig:
+    return ModelConfig(**{**BASE_MODEL, **SIZES[size]["model"], "compute_dtype": dtype})
+
+
+def summarise(seconds: list[float]) -> dict:
+    return dict(median=statistics.median(seconds), min=min(seconds), max=max(seconds), n=len(seconds))
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024                 # Linux: KiB
+
+
+# ---------------------------------------------------------------------------------------------- JAX worker
+def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    from vdm_jax import steps as jsteps
+    from vdm_jax import vdm
+
+    mc, spec = model_for(size, dtype), SIZES[size]
+    opt = make_config(BASE_MODEL).optimizer
+    batch, image = spec["batch"], spec["image"]
+    rng = jax.random.PRNGKey(0)
+    state = jsteps.create_train_state(mc, opt, rng, image)
+    x = jax.random.randint(jax.random.PRNGKey(1), (batch, *image), 0, 256)
+    c = jnp.zeros((batch,))
+    step = jax.jit(lambda s, x, c: jsteps.train_step(mc, opt, s, x, c, rng), donate_argnums=0)
+
+    def timed(fn, n):
+        out, times = None, []
+        for _ in range(n):
+            start = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            times.append(time.perf_counter() - start)
+        return out, times
+
+    holder = {"state": state}
+
+    def one_step():
+        holder["state"], metrics = step(holder["state"], x, c)
+        return metrics["bpd"]
+
+    timed(one_step, warmup)
+    _, train_times = timed(one_step, steps)
+
+    params = holder["state"].params
+    z = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    sample_step = jax.jit(lambda p, z, i: vdm.VDM(mc).apply({"params": p}, z, i, 1000, c, z,
+                                                            method=vdm.VDM.sample_step))
+    timed(lambda: sample_step(params, z, 0), warmup)
+    _, sample_times = timed(lambda: sample_step(params, z, 1), steps)
+    eval_fn = jax.jit(lambda p, x: jsteps.eval_terms(mc, p, x, c, rng))
+    timed(lambda: eval_fn(params, x), warmup)
+    _, eval_times = timed(lambda: eval_fn(params, x), steps)
+
+    device = jax.devices()[0]
+    peak = device.memory_stats().get("peak_bytes_in_use") if device.platform != "cpu" else None
+    ceiling_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
+    n = 2048 if device.platform == "cpu" else 8192
+    a = jax.random.normal(jax.random.PRNGKey(3), (n, n)).astype(ceiling_dtype)
+    matmul = jax.jit(lambda a: a @ a)
+    timed(lambda: matmul(a), 2)
+    _, mm_times = timed(lambda: matmul(a), 5)
+    return dict(device=f"{device.platform}: {device.device_kind}", train=summarise(train_times),
+                sample=summarise(sample_times), eval=summarise(eval_times),
+                peak_memory_bytes=peak or peak_rss_bytes(), memory_kind="device peak" if peak else "host RSS",
+                matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), version=jax.__version__)
+
+
+# -------------------------------------------------------------------------------------------- torch worker
+def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from vdm_torch import steps as tsteps
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mc, spec = model_for(size, dtype), SIZES[size]
+    opt = make_config(BASE_MODEL).optimizer
+    batch, (H, W, C) = spec["batch"], spec["image"]
+    state = tsteps.create_train_state(mc, opt, 0, device=device, fused=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, (batch, C, H, W), generator=generator, device=device)
+    c = torch.zeros(batch, device=device)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return times
+
+    def one_step():
+        tsteps.train_step(mc, opt, state, x, c, generator=generator)
+
+    timed(one_step, warmup)
+    train_times = timed(one_step, steps)
+    z = torch.randn(x.shape, generator=generator, device=device)
+    with torch.no_grad():
+        timed(lambda: state.model.sample_step(z, 0, 1000, c, z), warmup)
+        sample_times = timed(lambda: state.model.sample_step(z, 1, 1000, c, z), steps)
+    timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), warmup)
+    eval_times = timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), steps)
+
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    timed(lambda: a @ a, 2)
+    mm_times = timed(lambda: a @ a, 5)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return dict(device=f"{device}: {name}", train=summarise(train_times), sample=summarise(sample_times),
+                eval=summarise(eval_times), peak_memory_bytes=peak or peak_rss_bytes(),
+                memory_kind="device peak" if peak else "host RSS",
+                matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), version=torch.__version__)
+
+
+WORKERS = {"jax": jax_worker, "torch": torch_worker}
+
+
+def run_worker(backend: str, size: str, dtype: str, steps: int, warmup: int, threads: int | None) -> dict:
+    """Runs one measurement in a fresh interpreter; returns its result with derived figures added."""
+    env = dict(os.environ)
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), XLA_FLAGS=env.get("XLA_FLAGS", ""))
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", backend, "--sizes", size, "--dtypes", dtype,
+           "--steps", str(steps), "--warmup", str(warmup)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        return dict(backend=backend, size=size, dtype=dtype, error=proc.stderr.strip().splitlines()[-1:])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    spec, mc = SIZES[size], model_for(size, dtype)
+    flops = train_step_flops(mc, spec["image"], spec["batch"])
+    step_s = result["train"]["median"]
+    result.update(backend=backend, size=size, dtype=dtype, batch=spec["batch"], image=spec["image"],
+                  train_step_flops=flops, images_per_s=spec["batch"] / step_s,
+                  achieved_flops_per_s=flops / step_s,
+                  utilisation=flops / step_s / result["matmul_flops_per_s"],
+                  sample_s_per_step=result["sample"]["median"],
+                  sample_s_per_image_1000_steps=1000 * result["sample"]["median"] / spec["batch"],
+                  sample_utilisation=sample_step_flops(mc, spec["image"], spec["batch"]) / result["sample"]["median"]
+                  / result["matmul_flops_per_s"],
+                  eval_images_per_s=spec["batch"] / result["eval"]["median"])
+    return result
+
+
+def markdown(results: list[dict]) -> str:
+    lines = ["| size | dtype | backend | train step s (median [min, max]) | img/s | sample s/step | "
+             "eval img/s | peak memory | GFLOP/step | utilisation | device |", "|" + "---|" * 11]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['size']} | {r['dtype']} | {r['backend']} | failed: {r['error']} |" + " |" * 7)
+            continue
+        t = r["train"]
+        lines.append(
+            f"| {r['size']} | {r['dtype']} | {r['backend']} | {t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] "
+            f"| {r['images_per_s']:.1f} | {r['sample_s_per_step']:.4f} | {r['eval_images_per_s']:.1f} "
+            f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) | {r['train_step_flops'] / 1e9:.2f} "
+            f"| {100 * r['utilisation']:.1f}% | {r['device']} |")
+    ratios = []
+    for r in results:
+        other = next((o for o in results if o.get("backend") == "jax" and o["size"] == r["size"]
+                      and o["dtype"] == r["dtype"] and "error" not in o), None)
+        if r.get("backend") == "torch" and "error" not in r and other:
+            ratios.append(f"- {r['size']} {r['dtype']}: torch/JAX step time = "
+                          f"{r['train']['median'] / other['train']['median']:.2f}")
+    return "\n".join(lines + [""] + ratios) + "\n"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small,medium", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--backends", default="jax,torch")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
+    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(WORKERS[args.worker](args.sizes, args.dtypes, args.steps, args.warmup)))
+        return
+    results = []
+    for size in args.sizes.split(","):
+        for dtype in args.dtypes.split(","):
+            for backend in args.backends.split(","):
+                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads))
+                r = results[-1]
+                print(f"{size} {dtype} {backend}: " + (f"{r['train']['median']:.3f} s/step, "
+                      f"utilisation {100 * r['utilisation']:.1f}%" if "error" not in r else f"failed {r['error']}"),
+                      flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
+                python=platform.python_version())
+    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+        json.dump(dict(meta=meta, results=results), fh, indent=1)
+    table = markdown(results)
+    with open(os.path.join(args.out, "bench.md"), "w") as fh:
+        fh.write(f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs).\n\n{table}")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
