@@ -102,7 +102,7 @@ def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state:
     updates, opt_state = make_optimizer(opt).update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - opt.ema_rate) * (p - e), state.ema_params, params)
-    metrics = dict(parts, grad_norm=optax.global_norm(grads), learning_rate=learning_rate(opt)(state.step))
+    metrics = dict(parts, grad_norm=optax.tree.norm(grads), learning_rate=learning_rate(opt)(state.step))
     return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
 
 

@@ -104,13 +104,14 @@ class VDM(nn.Module):
             noise = draw_noise(self.make_rng("sample"), images.shape, cfg)
         g_0, g_1 = self.gamma(0.0), self.gamma(1.0)
         var_1 = jax.nn.sigmoid(g_1)
+        alpha_1_sq = jax.nn.sigmoid(-g_1)   # 1 - var_1 without the cancellation
         f = self.encode(images)                                                      # (B, H, W, C)
 
         # 1. Reconstruction: -log p(x | z_0), z_0 / alpha_0 = f + exp(g_0 / 2) eps_0.
         recon = -self.log_prob(images, f + jnp.exp(0.5 * g_0) * noise.eps_0, g_0)
 
         # 2. Prior: KL(q(z_1 | x) || N(0, I)) in closed form.
-        klz = 0.5 * jnp.sum((1.0 - var_1) * jnp.square(f) + var_1 - jnp.log(var_1) - 1.0, axis=(1, 2, 3))
+        klz = 0.5 * jnp.sum(alpha_1_sq * jnp.square(f) + var_1 - jnp.log(var_1) - 1.0, axis=(1, 2, 3))
 
         # 3. Diffusion loss at t.
         if cfg.variance_minimisation:

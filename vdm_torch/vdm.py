@@ -135,13 +135,14 @@ class VDM(nn.Module):
             noise = draw_noise(generator, images.shape, cfg, device=images.device)
         g_0, g_1 = self.gamma(0.0), self.gamma(1.0)
         var_1 = torch.sigmoid(g_1)
+        alpha_1_sq = torch.sigmoid(-g_1)   # 1 - var_1 without the cancellation
         f = self.encode(images)                                                      # (B, C, H, W)
 
         # 1. Reconstruction: -log p(x | z_0), z_0 / alpha_0 = f + exp(g_0 / 2) eps_0.
         recon = -self.log_prob(images, f + torch.exp(0.5 * g_0) * noise.eps_0, g_0)
 
         # 2. Prior: KL(q(z_1 | x) || N(0, I)) in closed form.
-        klz = 0.5 * torch.sum((1.0 - var_1) * torch.square(f) + var_1 - torch.log(var_1) - 1.0, dim=(1, 2, 3))
+        klz = 0.5 * torch.sum(alpha_1_sq * torch.square(f) + var_1 - torch.log(var_1) - 1.0, dim=(1, 2, 3))
 
         # 3. Diffusion loss at t.
         if cfg.variance_minimisation:

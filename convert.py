@@ -1,0 +1,121 @@
+"""Converts VDM weights and training states between the backends' files and the neutral file.
+
+    python convert.py --from=run/checkpoints/ckpt_5000.pt --to=ckpt_5000.safetensors
+    python convert.py --from=ckpt_5000.safetensors --to=ckpt_5000.pt --config=configs/cifar10.py
+    python convert.py --from=ckpt_5000.safetensors --to=ema.msgpack --weights=ema_params
+    python convert.py --from=params.msgpack --to=params.safetensors --config=configs/quickstart.py
+
+Files, by extension:
+  .safetensors   the neutral checkpoint (vdm_common.neutral): params, EMA, AdamW moments, step, model config.
+                 Both trainers read it; the JAX trainer writes it beside its orbax checkpoints.
+  .pt / .pth     a torch checkpoint {'model', 'ema', 'optimizer', 'step', 'model_config'} (vdm_torch.convert)
+                 or a plain state_dict.
+  .msgpack       a flax msgpack of one parameter tree (flax.serialization.to_bytes(params)).
+
+--config=FILE (a configs/*.py file, with --config.section.field=value overrides) supplies the model config
+for sources that have none (msgpack, plain state_dict; when both exist they must agree) and the optimizer
+settings that a torch AdamW state_dict records (needed to write a .pt with optimizer state).
+
+Conversion is strict and exact: every tensor must map one to one onto the model (else the error lists the
+missing, unexpected and mis-shaped keys) and values are copied bit for bit.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+NEUTRAL_SUFFIXES = (".safetensors",)
+TORCH_SUFFIXES = (".pt", ".pth")
+JAX_SUFFIXES = (".msgpack",)
+
+
+def _kind(path: Path) -> str:
+    suffix = path.suffix.lower()
+    for kind, suffixes in (("neutral", NEUTRAL_SUFFIXES), ("torch", TORCH_SUFFIXES), ("jax", JAX_SUFFIXES)):
+        if suffix in suffixes:
+            return kind
+    raise ValueError(f"{path}: unknown file type {suffix!r}; use .safetensors (neutral), .pt / .pth (torch) "
+                     f"or .msgpack (flax parameters)")
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser.add_argument("--from", dest="src", required=True, help="the file to read")
+    parser.add_argument("--to", dest="dst", required=True, help="the file to write")
+    parser.add_argument("--config", default=None, help="a config file (configs/*.py) for the model / optimizer")
+    parser.add_argument("--weights", default="params", choices=("params", "ema_params"),
+                        help="which weights a .msgpack target receives (default: params)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --to file")
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides and not args.config:
+        parser.error("--config.x=y overrides need --config=FILE")
+    return args, overrides
+
+
+def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrite: bool = False):
+    """Reads `src` and writes `dst` (kinds from the extensions); returns the NeutralCheckpoint in between."""
+    from vdm_common.config import model_config as model_config_of
+    from vdm_common.neutral import load_neutral, save_neutral
+
+    src_kind, dst_kind = _kind(src), _kind(dst)
+    if dst.exists() and not overwrite:
+        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    if src.resolve() == dst.resolve():
+        raise ValueError(f"--from and --to are the same file ({src})")
+    model_config = model_config_of(config) if config is not None else None
+
+    if src_kind == "neutral":
+        ckpt = load_neutral(src)
+        if model_config is not None and model_config != ckpt.model_config:
+            diff = [f"{k}: file={v!r} config={getattr(model_config, k)!r}"
+                    for k, v in ckpt.model_config.to_dict().items() if getattr(model_config, k) != v]
+            raise ValueError(f"{src}: its model config differs from --config's: {diff}")
+    elif src_kind == "torch":
+        from vdm_torch import convert as torch_convert
+        ckpt = torch_convert.load_native(src, model_config)
+    else:
+        from vdm_jax import convert as jax_convert
+        ckpt = jax_convert.load_native(src, model_config)
+    ckpt.extra.setdefault("source", str(src))
+
+    if dst_kind == "neutral":
+        save_neutral(dst, ckpt)
+    elif dst_kind == "torch":
+        from vdm_torch import convert as torch_convert
+        torch_convert.save_native(dst, ckpt, config.optimizer if config is not None else None)
+    else:
+        from vdm_jax import convert as jax_convert
+        jax_convert.save_native(dst, ckpt, weights)
+    return ckpt
+
+
+def main(argv=None) -> int:
+    args, overrides = _parse(sys.argv[1:] if argv is None else argv)
+    from vdm_common.config import ConfigError, load_config
+    from vdm_common.neutral import NeutralFileError
+    from vdm_common.weights import ConversionError
+
+    try:
+        config = load_config(args.config, overrides) if args.config else None
+        ckpt = convert(Path(args.src), Path(args.dst), config, args.weights, args.overwrite)
+    except (ConversionError, NeutralFileError, ConfigError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if _kind(Path(args.dst)) == "jax":
+        parts = [args.weights]
+    else:
+        parts = ["params"] + (["ema_params"] if ckpt.ema_params is not None else []) + \
+            ([f"AdamW state (count {ckpt.opt_count})"] if ckpt.has_optimizer else [])
+    print(f"{args.src} -> {args.dst}: {len(ckpt.params)} tensors each of {', '.join(parts)}; step {ckpt.step}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
