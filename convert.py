@@ -4,6 +4,8 @@
     python convert.py --from=ckpt_5000.safetensors --to=ckpt_5000.pt --config=configs/cifar10.py
     python convert.py --from=ckpt_5000.safetensors --to=ema.msgpack --weights=ema_params
     python convert.py --from=params.msgpack --to=params.safetensors --config=configs/quickstart.py
+    python convert.py --from-upstream=official --from=ckpt/checkpoints-0 --config=configs/cifar10.py --to=runs/c10
+    python convert.py --from-upstream=pytorch-port --from=results/my_run --to=runs/port_run
 
 Files, by extension:
   .safetensors   the neutral checkpoint (vdm_common.neutral): params, EMA, AdamW moments, step, model config.
@@ -11,6 +13,12 @@ Files, by extension:
   .pt / .pth     a torch checkpoint {'model', 'ema', 'optimizer', 'step', 'model_config'} (vdm_torch.convert)
                  or a plain state_dict.
   .msgpack       a flax msgpack of one parameter tree (flax.serialization.to_bytes(params)).
+
+--from-upstream imports a checkpoint of the upstream implementations (vdm_common.upstream): `official`
+(a clu checkpoint directory of google-research/vdm; needs --config, e.g. configs/cifar10.py) or
+`pytorch-port` (a run directory of the original PyTorch port with model.pt and config.yaml). Its --to is a
+.safetensors file, or a directory: a new run directory (config.json + the neutral checkpoint) from which
+`train_jax.py` / `train_torch.py --workdir=DIR --mode=eval|sample|train` continue.
 
 --config=FILE (a configs/*.py file, with --config.section.field=value overrides) supplies the model config
 for sources that have none (msgpack, plain state_dict; when both exist they must agree) and the optimizer
@@ -49,6 +57,10 @@ def _parse(argv):
     parser.add_argument("--weights", default="params", choices=("params", "ema_params"),
                         help="which weights a .msgpack target receives (default: params)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --to file")
+    parser.add_argument("--from-upstream", choices=("official", "pytorch-port"), default=None,
+                        help="read --from as an upstream checkpoint (see above)")
+    parser.add_argument("--checkpoint-number", type=int, default=None,
+                        help="official only: which ckpt-N to read (default: the latest)")
     args, rest = parser.parse_known_args(argv)
     overrides = [a[len("--config."):] for a in rest if a.startswith("--config.")]
     unknown = [a for a in rest if not a.startswith("--config.")]
@@ -96,6 +108,25 @@ def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrit
     return ckpt
 
 
+def import_upstream(kind: str, src: Path, dst: Path, config=None, number: int | None = None):
+    """Reads an upstream checkpoint and writes a neutral file, or a run directory both trainers continue."""
+    from vdm_common import neutral, run, upstream, workdir
+
+    imp = upstream.read_upstream(kind, src, config, number)
+    print(imp.summary())
+    ckpt = imp.to_neutral()
+    if dst.suffix.lower() in NEUTRAL_SUFFIXES:
+        if dst.exists():
+            raise FileExistsError(f"{dst} exists; choose a new --to")
+        neutral.save_neutral(dst, ckpt)
+        return ckpt
+    if dst.exists() and any(dst.iterdir()):
+        raise FileExistsError(f"{dst} is not empty; --to must be a new run directory")
+    workdir.prepare_workdir(dst, imp.config, backend=f"upstream:{kind}")
+    neutral.save_neutral(run.neutral_path(dst, ckpt.step), ckpt)
+    return ckpt
+
+
 def main(argv=None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
     from vdm_common.config import ConfigError, load_config
@@ -104,6 +135,11 @@ def main(argv=None) -> int:
 
     try:
         config = load_config(args.config, overrides) if args.config else None
+        if args.from_upstream:
+            ckpt = import_upstream(args.from_upstream, Path(args.src), Path(args.dst), config,
+                                   args.checkpoint_number)
+            print(f"{args.src} -> {args.dst}: step {ckpt.step}")
+            return 0
         ckpt = convert(Path(args.src), Path(args.dst), config, args.weights, args.overwrite)
     except (ConversionError, NeutralFileError, ConfigError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

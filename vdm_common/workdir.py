@@ -42,7 +42,7 @@ EVAL_DIR = "eval"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 SUBDIRS = (CHECKPOINTS_DIR, SAMPLES_DIR, EVAL_DIR, TENSORBOARD_DIR, PLOTS_DIR)
-BACKENDS = ("jax", "torch")
+BACKENDS = ("jax", "torch", "upstream:official", "upstream:pytorch-port")  # who created a run
 
 # Config fields that may differ between config.json and the config of a resumed run, because they do not
 # change the function being trained nor the training trajectory up to the current step: train longer,
