@@ -1,0 +1,197 @@
+"""What both trainers do around the math, written once (framework-free): modes, paths, eval statistics.
+
+`vdm_jax.train` and `vdm_torch.train` call these, so a workdir looks and reads the same whichever backend
+wrote it. Files a run writes beside `vdm_common.workdir`'s layout:
+
+    checkpoints/neutral/step_<N>.safetensors   the neutral export of the state at step N (vdm_common.neutral):
+                                               params, EMA, AdamW moments; readable without either framework
+    eval/step_<N>.json                         an evaluation of the EMA params of step N (`eval_statistics`)
+    samples/step_<N>_n<num>_T<steps>.png       a grid of <num> samples drawn in <steps> ancestral steps
+    plots/bpd.png                              train and eval bpd against step (`plot`)
+
+Modes (`--mode`): train (resume from the latest checkpoint, or start), eval (test-set bpd of the EMA params
+over the whole test split, with its standard error and the per-pixel baseline), sample (a grid of
+training.num_samples samples in training.sample_steps steps), plot (bpd curves from metrics.jsonl).
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import ml_collections
+import numpy as np
+
+from vdm_common import config as config_lib
+from vdm_common import metrics as metrics_lib
+from vdm_common import workdir as workdir_lib
+
+MODES = ("train", "eval", "sample", "plot")
+NEUTRAL_DIR = "neutral"            # under <workdir>/checkpoints/
+PLOT_FILE = "bpd.png"              # under <workdir>/plots/
+EVAL_TERMS = ("bpd", "bpd_recon", "bpd_latent", "bpd_diff")
+_STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+class RunError(ValueError):
+    """A run cannot start as asked (devices, batch sizes, mode, missing checkpoint); the message says the fix."""
+
+
+def default_workdir(config_path: str, backend: str) -> str:
+    """runs/<config file name>_<backend>: `configs/quickstart.py` -> `runs/quickstart_jax`."""
+    return str(Path("runs") / f"{Path(config_path).stem}_{backend}")
+
+
+def check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise RunError(f"--mode={mode!r} is not one of {MODES}")
+
+
+def check_divisible(batch_size: int, num_devices: int, field: str) -> None:
+    """The global batch must split evenly over the devices (data parallelism): RunError naming the field."""
+    if batch_size % num_devices:
+        lower = batch_size - batch_size % num_devices
+        nearest = " or ".join(str(b) for b in (lower, lower + num_devices) if b > 0)
+        raise RunError(f"config.{field} = {batch_size} is not divisible by the number of devices ({num_devices}): "
+                       f"each device takes an equal share of the global batch. Pass --config.{field}= a multiple "
+                       f"of {num_devices} (nearest: {nearest}).")
+
+
+def mode_config(mode: str, workdir: str, config: ml_collections.ConfigDict | None,
+                overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
+    """The config a mode runs with.
+
+    train: `config` itself (prepare_workdir then checks it against the workdir's stored config).
+    eval / sample: the config stored in the workdir (the model that was trained there, whichever backend
+    trained it), with the command line's `overrides` ({'training.num_samples': 16}) applied; only fields
+    that may differ on resume (workdir.RESUMABLE_FIELDS: eval batch size, sample count and steps, data paths)
+    can be overridden, others raise RunError.
+    """
+    check_mode(mode)
+    if mode == "train":
+        if config is None:
+            raise RunError("--mode=train needs a config (--config=configs/...)")
+        return config_lib.validate(config)
+    stored = workdir_lib.read_config(workdir)
+    refused = sorted(k for k in (overrides or {}) if k not in workdir_lib.RESUMABLE_FIELDS)
+    if refused:
+        raise RunError(f"--mode={mode} uses the config stored in {workdir_lib.layout(workdir).config}; these overrides "
+                       f"would change the trained model or its training and are refused: {refused}. Fields that may "
+                       f"be overridden here: {sorted(workdir_lib.RESUMABLE_FIELDS)}.")
+    for key, value in (overrides or {}).items():
+        config_lib.set_field(stored, key, value)
+    return config_lib.validate(stored)
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+def eval_statistics(per_example: Mapping[str, np.ndarray]) -> dict[str, float]:
+    """Means of per-example bpd values, and the standard error of the mean of 'bpd'.
+
+    per_example: {'bpd': (N,), optionally 'bpd_recon', 'bpd_latent', 'bpd_diff': (N,)}, padding removed.
+    Returns {name: mean, 'bpd_stderr': std(bpd, ddof=1) / sqrt(N) (0 when N == 1), 'num_examples': N}.
+    The standard error covers both the test images and the single noise draw per image.
+    """
+    bpd = np.asarray(per_example["bpd"], np.float64)
+    n = bpd.size
+    if n == 0:
+        raise RunError("evaluation saw no test examples; check the test split and training.num_eval_batches")
+    stats = {name: float(np.mean(np.asarray(values, np.float64))) for name, values in per_example.items()}
+    stats["bpd_stderr"] = float(np.std(bpd, ddof=1) / math.sqrt(n)) if n > 1 else 0.0
+    stats["num_examples"] = n
+    return stats
+
+
+def eval_path(workdir: str, step: int) -> Path:
+    return workdir_lib.layout(workdir).eval / f"step_{step}.json"
+
+
+def write_eval_result(workdir: str, result: Mapping[str, Any]) -> Path:
+    """Writes an eval result ({'step', 'bpd', ...}) to eval/step_<step>.json atomically; returns the path."""
+    path = eval_path(workdir, int(result["step"]))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    workdir_lib.atomic_write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+def format_eval(result: Mapping[str, Any]) -> str:
+    """One line: test bpd +- stderr, its terms, and (when present) the per-pixel baseline and the gain."""
+    text = (f"test bpd {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} over {result['num_examples']} images "
+            f"(step {result['step']}, EMA params; recon {result['bpd_recon']:.4f}, latent {result['bpd_latent']:.4f}, "
+            f"diffusion {result['bpd_diff']:.4f})")
+    if result.get("baseline_bpd") is not None:
+        gain = result["baseline_bpd"] - result["bpd"]
+        text += (f"; per-pixel categorical baseline {result['baseline_bpd']:.4f}: the model is {abs(gain):.4f} "
+                 f"bits/dim {'better' if gain >= 0 else 'worse'}")
+    return text
+
+
+# ------------------------------------------------------------------------------------- files of a run
+
+def sample_grid_path(workdir: str, step: int, num_samples: int, sample_steps: int) -> Path:
+    return workdir_lib.layout(workdir).samples / f"step_{step}_n{num_samples}_T{sample_steps}.png"
+
+
+def neutral_dir(workdir: str) -> Path:
+    return workdir_lib.layout(workdir).checkpoints / NEUTRAL_DIR
+
+
+def neutral_path(workdir: str, step: int) -> Path:
+    """checkpoints/neutral/step_<step>.safetensors: the neutral export of the state after `step` updates."""
+    return neutral_dir(workdir) / f"step_{step}.safetensors"
+
+
+def neutral_steps(workdir: str) -> list[int]:
+    """Steps of the neutral exports present, ascending."""
+    folder = neutral_dir(workdir)
+    if not folder.is_dir():
+        return []
+    return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, (p.name for p in folder.iterdir())) if m)
+
+
+def prune_neutral(workdir: str, keep: int) -> list[Path]:
+    """Removes all but the `keep` newest neutral exports (the native checkpoints keep the same number)."""
+    removed = []
+    for step in neutral_steps(workdir)[:-keep] if keep > 0 else []:
+        path = neutral_path(workdir, step)
+        path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def plot(workdir: str) -> Path:
+    """The plot mode: train and eval bpd curves of metrics.jsonl into plots/bpd.png; returns the path."""
+    paths = workdir_lib.layout(workdir)
+    return metrics_lib.plot_metrics(paths.metrics, paths.plots / PLOT_FILE)
+
+
+# ------------------------------------------------------------------------------------------- messages
+
+def describe_start(*, backend: str, num_params: int, memory_bytes: int, num_devices: int, num_processes: int,
+                   batch_per_device: int, global_batch: int, dataset_name: str, num_train: int, num_test: int,
+                   image_shape, baseline_bpd: float) -> str:
+    """The lines a trainer prints at start: devices, model size, memory estimate, data, baseline."""
+    return "\n".join([
+        f"[{backend}] {num_devices} device(s) in {num_processes} process(es); global batch {global_batch} "
+        f"= {batch_per_device} per device",
+        f"model: {metrics_lib.format_count(num_params)} parameters; estimated training memory per device "
+        f"{metrics_lib.format_bytes(memory_bytes)} (params, grads, Adam, EMA + activations; a rough estimate)",
+        f"data: {dataset_name}, {num_train} train / {num_test} test images of shape {tuple(image_shape)}; "
+        f"per-pixel categorical baseline {baseline_bpd:.4f} bits/dim (the number to beat)",
+    ])
+
+
+def describe_outputs(workdir: str) -> str:
+    """Where a run's outputs are, for the end of a training run."""
+    paths = workdir_lib.layout(workdir)
+    return "\n".join([
+        f"outputs in {paths.root}:",
+        f"  metrics      {paths.metrics}",
+        f"  checkpoints  {paths.checkpoints}  (neutral exports in {paths.checkpoints / NEUTRAL_DIR})",
+        f"  samples      {paths.samples}",
+        f"  eval         {paths.eval}",
+        f"  plot         {paths.plots / PLOT_FILE}",
+        f"  TensorBoard  tensorboard --logdir {paths.tensorboard}",
+    ])

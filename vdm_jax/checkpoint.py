@@ -1,0 +1,159 @@
+"""Checkpoints of the JAX trainer: orbax-checkpoint, asynchronous, with the neutral export beside them.
+
+    <workdir>/checkpoints/
+      orbax/<step>/                      the TrainState after <step> updates (orbax CheckpointManager)
+      neutral/step_<step>.safetensors    the same state in the neutral format (vdm_common.neutral): params,
+                                         EMA, AdamW moments and count, model config; numpy + safetensors only,
+                                         so the torch trainer (or any script) reads a JAX run without orbax
+
+Both keep the newest `max_to_keep` steps. Saving is asynchronous: `save` returns once the state is copied off
+the devices, and orbax writes it in a background thread (into a temporary directory renamed on success, so a
+crash never leaves a half-written step that looks complete). An error of that background write is never
+lost: the next `save`, `wait` and `close` raise it as `CheckpointError`. The neutral export is written
+synchronously by process 0 (it is small: the parameters four times).
+
+Restoring takes an abstract TrainState whose leaves carry the target shardings (built with `jax.eval_shape`
+for the current mesh), so a checkpoint written on 4 devices restores onto 1, or onto 8 hosts.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from vdm_common import neutral, run
+from vdm_common.config import ModelConfig
+from vdm_jax import convert
+from vdm_jax.steps import TrainState
+
+ORBAX_DIR = "orbax"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
+
+
+def to_host(tree: Any) -> Any:
+    """A tree of replicated jax.Arrays -> numpy copies (works for arrays spanning several processes, where
+    each process holds the whole value)."""
+    def fetch(x):
+        if isinstance(x, jax.Array):
+            if not x.is_fully_replicated:
+                raise ValueError(f"to_host expects replicated arrays, got sharding {x.sharding}")
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(x)
+    return jax.tree_util.tree_map(fetch, tree)
+
+
+class Checkpointer:
+    """The checkpoints of one workdir: save every K steps (the caller decides when), keep N, restore latest.
+
+    read_only: for eval / sample modes: nothing is created, written or deleted.
+    """
+
+    def __init__(self, workdir: str | os.PathLike, model_config: ModelConfig, max_to_keep: int,
+                 read_only: bool = False):
+        self.workdir = str(workdir)
+        self.model_config = model_config
+        self.max_to_keep = max_to_keep
+        self.read_only = read_only
+        self.directory = Path(run.neutral_dir(self.workdir).parent / ORBAX_DIR)
+        self._pending: int | None = None     # step of the save that may still be running in the background
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=True, cleanup_tmp_directories=not read_only)
+        if read_only and not self.directory.is_dir():
+            self._manager = None
+        else:
+            self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    # ------------------------------------------------------------------------------------------- steps
+    def orbax_steps(self) -> list[int]:
+        return sorted(self._manager.all_steps()) if self._manager is not None else []
+
+    def latest(self) -> tuple[int, str] | None:
+        """(step, 'orbax' | 'neutral') of the newest checkpoint, or None. A neutral export newer than every
+        orbax step comes from the other backend continuing this run: then it is the one to resume from."""
+        orbax_steps, neutral_steps = self.orbax_steps(), run.neutral_steps(self.workdir)
+        best = None
+        if orbax_steps:
+            best = (orbax_steps[-1], "orbax")
+        if neutral_steps and (best is None or neutral_steps[-1] > best[0]):
+            best = (neutral_steps[-1], "neutral")
+        return best
+
+    # ------------------------------------------------------------------------------------------- save
+    def save(self, step: int, state: TrainState) -> None:
+        """Starts saving `state` (after `step` updates) and writes its neutral export (process 0).
+
+        First waits for the previous save and raises its error, if any. Returns before the orbax files are
+        written; `wait` / `close` finish them. Call on every process (orbax synchronises them).
+        """
+        if self.read_only:
+            raise CheckpointError("this Checkpointer is read-only (eval / sample mode)")
+        self.wait()
+        try:
+            saved = self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
+        except Exception as e:
+            raise CheckpointError(f"saving checkpoint step {step} into {self.directory} failed: "
+                                  f"{type(e).__name__}: {e}") from e
+        if not saved:
+            raise CheckpointError(f"orbax did not save step {step} into {self.directory} (it already holds it?)")
+        self._pending = step
+        if jax.process_index() == 0:
+            ckpt = convert.state_to_neutral(to_host(state), self.model_config, extra={"source": "vdm_jax.train"})
+            neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
+            run.prune_neutral(self.workdir, self.max_to_keep)
+
+    def wait(self) -> None:
+        """Blocks until the background save is written; raises CheckpointError if it failed."""
+        if self._manager is None or self._pending is None:
+            return
+        step, self._pending = self._pending, None
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(
+                f"writing checkpoint step {step} into {self.directory} failed in the background: "
+                f"{type(e).__name__}: {e}. Earlier checkpoints are intact; fix the cause (disk space, "
+                f"permissions) and resume.") from e
+
+    def close(self) -> None:
+        """Waits for the last save (raising its error) and releases orbax's threads."""
+        try:
+            self.wait()
+        finally:
+            if self._manager is not None:
+                self._manager.close()
+                self._manager = None
+
+    # ---------------------------------------------------------------------------------------- restore
+    def restore(self, step: int, source: str, abstract_state: TrainState, opt_config) -> TrainState:
+        """The TrainState of `step`, placed as `abstract_state`'s leaves say (their `.sharding`).
+
+        source 'orbax' reads the orbax step; 'neutral' reads the neutral export (e.g. written by the torch
+        trainer) and places it likewise. Raises CheckpointError naming the files; nothing is deleted.
+        """
+        if source == "orbax":
+            try:
+                return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+            except Exception as e:
+                raise CheckpointError(
+                    f"cannot restore checkpoint step {step} from {self.directory / str(step)}: "
+                    f"{type(e).__name__}: {e}. If that step is damaged, move its directory away to resume from "
+                    f"the previous one (steps present: {self.orbax_steps()}).") from e
+        path = run.neutral_path(self.workdir, step)
+        try:
+            ckpt = neutral.load_neutral(path)
+        except (neutral.NeutralFileError, convert.ConversionError) as e:
+            raise CheckpointError(f"cannot restore step {step} from {path}: {e}") from e
+        if ckpt.model_config != self.model_config:
+            raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
+        state = to_host(convert.state_from_neutral(ckpt, opt_config))      # numpy: the same on every process
+        return jax.tree_util.tree_map(
+            lambda value, target: jax.make_array_from_callback(target.shape, target.sharding, lambda i: value[i]),
+            state, abstract_state)

@@ -1,0 +1,438 @@
+"""The JAX trainer: data-parallel training over all devices, eval, sampling, and the modes of train_jax.py.
+
+    main(config, workdir, mode)     mode: train | eval | sample | plot (see vdm_common.run)
+
+Parallelism is the pjit way: one `Mesh` of every device of every process with the single axis 'data';
+the TrainState is replicated (`NamedSharding(mesh, P())`), the global batch is split along its batch axis
+(`P(None, 'data')` for the (S, B, H, W, C) substep stack), and `jax.jit` with those shardings compiles the
+global computation, inserting the gradient all-reduce. The state buffers are donated, and each host call
+runs `training.substeps` optimizer steps (`vdm_jax.steps.train_substeps`, a lax.scan, as the official code).
+Each process loads only its slice of the global batch (`vdm_common.data.train_batch`, pure in (seed, step))
+and `jax.make_array_from_process_local_data` assembles the global array. Multi-host: launch one process per
+host with --coordinator_address/--num_processes/--process_id (or --multihost on SLURM, Open MPI, TPU pods):
+`jax.distributed.initialize` runs first, then `jax.devices()` lists every host's devices.
+
+Randomness: the run key `jax.random.key(training.seed)` is split into streams for init, training, eval and
+sampling. A training step folds its step number into its stream and draws the loss noise and the dropout
+masks for the GLOBAL batch inside the jitted step: the partitionable threefry PRNG gives every device the
+values of its own rows, so dropout is folded per step and differs per device and per example, and the
+numbers do not depend on the device count (a per-device fold_in would make them depend on it).
+
+Every number is the same on 1 or N devices up to float32 reassociation of the batch reductions, and a
+resumed run is bit-identical to an uninterrupted one: batches and keys are functions of the step, and the
+checkpoint holds the whole state.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import json
+import math
+import time
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import tqdm
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vdm_common import config as config_lib
+from vdm_common import data as data_lib
+from vdm_common import images as images_lib
+from vdm_common import metrics as metrics_lib
+from vdm_common import run
+from vdm_common import workdir as workdir_lib
+from vdm_common.config import ModelConfig
+from vdm_common.types import nats_to_bpd_scale
+from vdm_jax import steps, vdm
+from vdm_jax.checkpoint import Checkpointer, to_host
+from vdm_jax.unet import dtypes
+
+BACKEND = "jax"
+MESH_AXIS = "data"
+# Streams of the run key, one per use (so that, e.g., more eval batches never change training).
+_STREAM_INIT, _STREAM_TRAIN, _STREAM_EVAL, _STREAM_SAMPLE = range(4)
+
+
+# ------------------------------------------------------------------------------------------- devices
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """jax.distributed.initialize: explicit arguments, or none to let JAX detect the cluster (SLURM, Open MPI,
+    TPU pods). Must run before anything touches a device. On CPU the collectives go through gloo."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def make_mesh(devices=None) -> Mesh:
+    """A 1-D mesh ('data',) over `devices` (default: all devices of all processes), ordered by process so
+    that each process's devices hold one contiguous slice of the batch (its `train_batch` slice)."""
+    devices = list(jax.devices() if devices is None else devices)
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devices), (MESH_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def batch_sharding(mesh: Mesh, batch_axis: int) -> NamedSharding:
+    """Split along `batch_axis` over the mesh, replicated along the others."""
+    return NamedSharding(mesh, P(*([None] * batch_axis), MESH_AXIS))
+
+
+def global_array(mesh: Mesh, local: np.ndarray, batch_axis: int) -> jax.Array:
+    """This process's rows of a global batch -> the global jax.Array, split along `batch_axis`."""
+    global_shape = list(local.shape)
+    global_shape[batch_axis] *= jax.process_count()
+    return jax.make_array_from_process_local_data(batch_sharding(mesh, batch_axis), local, tuple(global_shape))
+
+
+def _process_count(mesh: Mesh) -> int:
+    return len({d.process_index for d in mesh.devices.flat})
+
+
+# --------------------------------------------------------------------------------------- step functions
+
+def abstract_train_state(model_config: ModelConfig, opt: ml_collections.ConfigDict, image_shape,
+                         mesh: Mesh) -> steps.TrainState:
+    """The TrainState's shapes and dtypes (nothing computed), each leaf carrying the replicated sharding."""
+    shapes = jax.eval_shape(functools.partial(steps.create_train_state, model_config, opt,
+                                              image_shape=tuple(image_shape)), jax.random.key(0))
+    sharding = replicated(mesh)
+    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+
+
+def init_train_state(model_config: ModelConfig, opt: ml_collections.ConfigDict, image_shape, mesh: Mesh,
+                     rng: jax.Array) -> steps.TrainState:
+    """A fresh TrainState created directly on the devices of the mesh (replicated)."""
+    init = functools.partial(steps.create_train_state, model_config, opt, image_shape=tuple(image_shape))
+    return jax.jit(init, out_shardings=replicated(mesh))(rng)
+
+
+def make_train_fn(model_config: ModelConfig, opt: ml_collections.ConfigDict, mesh: Mesh) -> Callable:
+    """(state, images (S, B, H, W, C), conditioning (S, B), rng) -> (state, metrics averaged over S steps).
+
+    Jitted over the mesh: state replicated and donated, the batch split along B, the metrics replicated.
+    The same arguments give the same jitted function (so a second run in one process compiles nothing).
+    """
+    return _train_fn(model_config, opt.to_json(sort_keys=True), mesh)
+
+
+@functools.lru_cache(maxsize=8)
+def _train_fn(model_config: ModelConfig, opt_json: str, mesh: Mesh) -> Callable:
+    opt = ml_collections.ConfigDict(json.loads(opt_json))
+    rep, split = replicated(mesh), batch_sharding(mesh, 1)
+    return jax.jit(functools.partial(steps.train_substeps, model_config, opt),
+                   in_shardings=(rep, split, split, rep), out_shardings=(rep, rep), donate_argnums=(0,))
+
+
+def eval_bpd_terms(model_config: ModelConfig, params, images, conditioning, rng: jax.Array) -> dict:
+    """Per-example -ELBO and its three terms, bits/dim, each (B,); dropout off.
+
+    Unlike training, the diffusion times are drawn independently per example, not antithetically: the
+    per-example values are then i.i.d., so their standard error is the honest uncertainty of their mean, and
+    the padded rows of the last batch do not squeeze the real rows' times into a narrow band (antithetic
+    times spread over the whole padded batch; the 41 real images of the quickstart's last batch would all
+    get times within 41/256 of each other, which moved the test bpd by 0.3).
+    """
+    noise_config = dataclasses.replace(model_config, antithetic_time_sampling=False)
+    terms = vdm.VDM(model_config).apply({"params": params}, images, conditioning,
+                                        vdm.draw_noise(rng, images.shape, noise_config), True,
+                                        method=vdm.VDM.loss_terms)
+    scale = nats_to_bpd_scale(images.shape[1:])
+    return {"bpd": (terms.recon + terms.klz + terms.diff) * scale, "bpd_recon": terms.recon * scale,
+            "bpd_latent": terms.klz * scale, "bpd_diff": terms.diff * scale}
+
+
+@functools.lru_cache(maxsize=8)
+def make_eval_fn(model_config: ModelConfig, mesh: Mesh) -> Callable:
+    """(params, images (B, ...), conditioning (B,), mask (B,), rng, index) -> (per-example terms, mask), the
+    noise drawn from fold_in(rng, index); outputs replicated, so every process holds the whole batch's values."""
+    rep, split = replicated(mesh), batch_sharding(mesh, 0)
+
+    def fn(params, images, conditioning, mask, rng, index):
+        return eval_bpd_terms(model_config, params, images, conditioning, jax.random.fold_in(rng, index)), mask
+    return jax.jit(fn, in_shardings=(rep, split, split, split, rep, rep), out_shardings=(rep, rep))
+
+
+def evaluate(eval_fn: Callable, params, dataset: data_lib.Dataset, batch_size: int, num_batches: int,
+             mesh: Mesh, rng: jax.Array) -> dict[str, float]:
+    """Mean bpd (and terms) over the test split (or its first `num_batches` batches) with the standard error.
+
+    Batch b uses the noise of fold_in(rng, b): the same draws at every evaluation of a run.
+    """
+    collected: dict[str, list[np.ndarray]] = {name: [] for name in run.EVAL_TERMS}
+    batches = data_lib.eval_batches(dataset, batch_size, jax.process_index(), jax.process_count(), num_batches)
+    for b, (images, conditioning, mask) in enumerate(batches):
+        terms, global_mask = eval_fn(params, global_array(mesh, images, 0), global_array(mesh, conditioning, 0),
+                                     global_array(mesh, mask, 0), rng, np.int32(b))
+        keep = to_host(global_mask) > 0
+        for name, values in to_host(terms).items():
+            collected[name].append(values[keep])
+    return run.eval_statistics({name: np.concatenate(parts) for name, parts in collected.items()})
+
+
+def draw_samples(model_config: ModelConfig, params, num_samples: int, sample_steps: int, image_shape,
+                 rng: jax.Array) -> np.ndarray:
+    """num_samples images (N, H, W, C) int32 from z_1 ~ N(0, I) in `sample_steps` ancestral steps.
+
+    Runs on this process's first device with host copies of `params` (no collectives: process 0 alone may
+    call it).
+    """
+    params = to_host(params)
+    z_rng, step_rng = jax.random.split(rng)
+    z_1 = jax.random.normal(z_rng, (num_samples, *image_shape), dtypes(model_config)[0])
+    images, _ = vdm.sample(model_config, {"params": params}, z_1, sample_steps, jnp.zeros((num_samples,)),
+                           rng=step_rng)
+    return np.asarray(images)
+
+
+def run_key(seed: int, stream: int, mesh: Mesh) -> jax.Array:
+    """The key of one stream of the run, as a replicated global array (an input every process shares)."""
+    return jax.jit(lambda: jax.random.fold_in(jax.random.key(seed), stream), out_shardings=replicated(mesh))()
+
+
+def count_params(params) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
+
+
+def memory_estimate(model_config: ModelConfig, num_params: int, image_shape, batch_per_device: int) -> int:
+    """Rough training bytes per device (vdm_common.metrics.estimate_memory_bytes)."""
+    param_bytes = 8 if model_config.compute_dtype == "float64" else 4
+    act_bytes = 2 if model_config.compute_dtype == "bfloat16" else param_bytes
+    return metrics_lib.estimate_memory_bytes(
+        num_params, metrics_lib.unet_activation_elements(model_config, image_shape), batch_per_device,
+        param_bytes, activation_bytes_per_element=act_bytes)
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "train",
+         overrides: Mapping[str, Any] | None = None, *, devices=None) -> dict:
+    """Runs one mode on a workdir (see vdm_common.run). `overrides`: the command line's config overrides,
+    applied to the stored config in eval / sample modes. `devices`: the mesh's devices (default: all).
+
+    Returns a summary dict: train {'step', 'eval', 'samples'}, eval: the eval result, sample {'path'},
+    plot {'path'}.
+    """
+    run.check_mode(mode)
+    if mode == "plot":
+        path = run.plot(workdir)
+        _say(f"wrote {path}")
+        return {"path": str(path)}
+    config = run.mode_config(mode, workdir, config, overrides)
+    if config.model.compute_dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    if mode == "train":
+        return train(config, workdir, devices=devices)
+    return _eval_or_sample(config, workdir, mode, devices=devices)
+
+
+class _Run:
+    """What every mode sets up: model config, mesh, data, run keys (checks before anything is written)."""
+
+    def __init__(self, config: ml_collections.ConfigDict, devices=None, need_train_batch: bool = True):
+        self.config, t = config, config.training
+        self.model_config = config_lib.model_config(config)
+        self.mesh = make_mesh(devices)
+        self.num_devices = self.mesh.size
+        if need_train_batch:
+            run.check_divisible(t.batch_size_train, self.num_devices, "training.batch_size_train")
+        run.check_divisible(t.batch_size_eval, self.num_devices, "training.batch_size_eval")
+        self.dataset = data_lib.load_dataset(config.data)
+        mc, ds = self.model_config, self.dataset
+        if ds.vocab_size != mc.vocab_size or ds.image_shape[-1] != mc.image_channels:
+            raise run.RunError(f"data set {ds.name!r} has vocab_size {ds.vocab_size} and {ds.image_shape[-1]} "
+                               f"channel(s), but config.model has vocab_size {mc.vocab_size} and image_channels "
+                               f"{mc.image_channels}; set config.model to match the data")
+        self.init_rng, self.train_rng, self.eval_rng = (
+            run_key(t.seed, stream, self.mesh) for stream in (_STREAM_INIT, _STREAM_TRAIN, _STREAM_EVAL))
+        # Sampling runs on process 0 alone, so its key stays a local array.
+        self.sample_rng = jax.random.fold_in(jax.random.key(t.seed), _STREAM_SAMPLE)
+        self.is_main = jax.process_index() == 0
+
+    @functools.cached_property
+    def baseline_bpd(self) -> float:
+        """Test bpd of independent per-pixel categoricals fit on the training split (the number to beat)."""
+        return data_lib.pixel_baseline_bpd(self.dataset)
+
+    def abstract_state(self) -> steps.TrainState:
+        return abstract_train_state(self.model_config, self.config.optimizer, self.dataset.image_shape, self.mesh)
+
+    def sample_grid(self, workdir: str, params, step: int):
+        """Draws and writes the sample grid of `step` (process 0); returns its path (None elsewhere)."""
+        if not self.is_main:
+            return None
+        t = self.config.training
+        samples = draw_samples(self.model_config, params, t.num_samples, t.sample_steps, self.dataset.image_shape,
+                               jax.random.fold_in(self.sample_rng, step))
+        return images_lib.save_image_grid(run.sample_grid_path(workdir, step, t.num_samples, t.sample_steps),
+                                          samples, self.model_config.vocab_size)
+
+
+def _say(message: str) -> None:
+    """Prints on process 0, above the progress bar if one is showing."""
+    if jax.process_index() == 0:
+        tqdm.tqdm.write(message)
+
+
+def _on_main_process(fn: Callable[[], Any], what: str) -> None:
+    """Runs fn on process 0 and lets every process know whether it succeeded (other processes raise too)."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except Exception as e:  # re-raised below, after telling the other processes
+            error = e
+    if jax.process_count() > 1:
+        ok = multihost_utils.broadcast_one_to_all(np.int32(error is None))
+        if not ok and error is None:
+            raise run.RunError(f"process 0 failed to {what}; see its output")
+    if error is not None:
+        raise error
+
+
+def _same_on_all_processes(latest: tuple[int, str] | None) -> tuple[int, str] | None:
+    """Process 0's view of the latest checkpoint, so that every process restores the same one."""
+    if jax.process_count() == 1:
+        return latest
+    sources = ("orbax", "neutral")
+    code = np.array([-1, -1] if latest is None else [latest[0], sources.index(latest[1])], np.int32)
+    step, source = (int(v) for v in multihost_utils.broadcast_one_to_all(code))
+    return None if step < 0 else (step, sources[source])
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
+    """Trains to training.num_steps_train, resuming from the latest checkpoint of the workdir."""
+    r = _Run(config, devices)
+    t, opt, mc, mesh, ds = config.training, config.optimizer, r.model_config, r.mesh, r.dataset
+    _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir")
+    with contextlib.ExitStack() as stack:
+        if r.is_main:
+            stack.enter_context(workdir_lib.workdir_lock(workdir))
+        ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep)
+        stack.callback(ckpt.close)      # waits for the last save and raises its error, even after a crash
+        latest = _same_on_all_processes(ckpt.latest())
+        if latest is None:
+            state = init_train_state(mc, opt, ds.image_shape, mesh, r.init_rng)
+        else:
+            state = ckpt.restore(*latest, r.abstract_state(), opt)
+            _say(f"resumed from step {latest[0]} ({latest[1]} checkpoint in {workdir_lib.layout(workdir).checkpoints})")
+        step = int(to_host(state.step))
+        num_params = count_params(state.params)
+        per_device = t.batch_size_train // r.num_devices
+        _say(run.describe_start(
+            backend=BACKEND, num_params=num_params,
+            memory_bytes=memory_estimate(mc, num_params, ds.image_shape, per_device),
+            num_devices=r.num_devices, num_processes=jax.process_count(), batch_per_device=per_device,
+            global_batch=t.batch_size_train, dataset_name=ds.name, num_train=len(ds.train), num_test=len(ds.test),
+            image_shape=ds.image_shape, baseline_bpd=r.baseline_bpd))
+        if step >= t.num_steps_train:
+            _say(f"the run is at step {step}, training.num_steps_train = {t.num_steps_train}: nothing to train "
+                 f"(raise --config.training.num_steps_train to continue)")
+        writer = stack.enter_context(metrics_lib.MetricsWriter(workdir, enabled=r.is_main))
+        summary = _train_loop(r, workdir, state, step, ckpt, writer, stack)
+    if r.is_main:
+        run.plot(workdir)
+        _say(run.describe_outputs(workdir))
+    return summary
+
+
+def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, writer: metrics_lib.MetricsWriter,
+                stack: contextlib.ExitStack) -> dict:
+    t, mc, mesh, ds = r.config.training, r.model_config, r.mesh, r.dataset
+    train_fn, eval_fn = make_train_fn(mc, r.config.optimizer, mesh), make_eval_fn(mc, mesh)
+    pidx, pcount = jax.process_index(), jax.process_count()
+    total = t.num_steps_train
+
+    def crossed(period: int, before: int, after: int) -> bool:
+        return period > 0 and after // period > before // period
+
+    def host_batch(start: int):
+        """The (S, B_local, ...) stack of steps start.. (S realigns to multiples of substeps after a resume
+        from an odd step, so logging / eval / save boundaries are hit exactly), as global arrays."""
+        n = min(t.substeps - start % t.substeps, total - start)
+        parts = [data_lib.train_batch(ds, t.seed, s, t.batch_size_train, pidx, pcount) for s in range(start, start + n)]
+        images, conditioning = np.stack([p[0] for p in parts]), np.stack([p[1] for p in parts])
+        return n, global_array(mesh, images, 1), global_array(mesh, conditioning, 1)
+
+    bar = metrics_lib.ProgressBar(total, initial_step=step, enabled=r.is_main)
+    stack.callback(bar.close)
+    # steps/s counts the training calls only (not eval, sampling, checkpointing); the first window of a run
+    # includes the compilation.
+    window = {"steps": 0, "seconds": 0.0, "sums": {}}
+    last_eval, last_grid = None, None
+    pending = host_batch(step) if step < total else None
+    while pending is not None:
+        n, images, conditioning = pending
+        started = time.time()
+        state, metrics = train_fn(state, images, conditioning, r.train_rng)       # dispatched asynchronously
+        before, step = step, step + n
+        pending = host_batch(step) if step < total else None                       # overlaps the device work
+        values = to_host(metrics)                                                  # waits for this call
+        window["seconds"] += time.time() - started
+        if not all(np.isfinite(v) for v in values.values()):
+            raise FloatingPointError(f"non-finite training metrics at step {step}: {values}; the last checkpoint "
+                                     f"is intact (lower optimizer.learning_rate or set optimizer.grad_clip_norm)")
+        window["steps"] += n
+        for name, value in values.items():
+            window["sums"][name] = window["sums"].get(name, 0.0) + float(value) * n
+        bar.update(step, values["bpd"])
+        final = step == total
+        if crossed(t.steps_per_logging, before, step) or final:
+            means = {name: s / window["steps"] for name, s in window["sums"].items()}
+            writer.write(step, "train", **means, steps_per_sec=window["steps"] / max(window["seconds"], 1e-9))
+            window = {"steps": 0, "seconds": 0.0, "sums": {}}
+        if crossed(t.steps_per_eval, before, step) or final:
+            result = evaluate(eval_fn, state.ema_params, ds, t.batch_size_eval, t.num_eval_batches, mesh, r.eval_rng)
+            writer.write(step, "eval", **{k: v for k, v in result.items() if k != "num_examples"})
+            last_eval = dict(result, step=step)
+            _say(f"step {step}: eval bpd {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} "
+                 f"({result['num_examples']} test images, EMA params)")
+        if crossed(t.steps_per_sample, before, step) or (final and t.steps_per_sample > 0):
+            last_grid = r.sample_grid(workdir, state.ema_params, step)
+        if crossed(t.steps_per_save, before, step) or final:
+            ckpt.save(step, state)
+    bar.close()
+    ckpt.wait()
+    if last_eval is not None:
+        last_eval["baseline_bpd"] = r.baseline_bpd
+        _say(f"final {run.format_eval(last_eval)}")
+    if last_grid is not None:
+        _say(f"samples: {last_grid}")
+    return {"step": step, "eval": last_eval, "samples": str(last_grid) if last_grid else None, "state": state}
+
+
+def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, devices=None) -> dict:
+    """eval: the EMA params of the latest checkpoint on the whole test split (+ baseline) -> eval/step_N.json;
+    sample: a grid of training.num_samples samples in training.sample_steps steps -> samples/."""
+    r = _Run(config, devices, need_train_batch=False)
+    ckpt = Checkpointer(workdir, r.model_config, config.training.checkpoints_to_keep, read_only=True)
+    try:
+        latest = ckpt.latest()
+        if latest is None:
+            raise run.RunError(f"{workdir_lib.layout(workdir).checkpoints} holds no checkpoint; train first "
+                               f"(--mode=train --workdir={workdir})")
+        state = ckpt.restore(*latest, r.abstract_state(), config.optimizer)
+    finally:
+        ckpt.close()
+    step = int(to_host(state.step))
+    if mode == "sample":
+        path = r.sample_grid(workdir, state.ema_params, step)
+        _say(f"wrote {config.training.num_samples} samples ({config.training.sample_steps} steps) of step {step}: "
+             f"{path}")
+        return {"path": str(path) if path else None, "step": step}
+    result = evaluate(make_eval_fn(r.model_config, r.mesh), state.ema_params, r.dataset,
+                      config.training.batch_size_eval, 0, r.mesh, r.eval_rng)
+    result = dict(result, step=step, params="ema", backend=BACKEND, checkpoint=latest[1],
+                  baseline_bpd=r.baseline_bpd)
+    if r.is_main:
+        path = run.write_eval_result(workdir, result)
+        _say(f"{run.format_eval(result)}\nwrote {path}")
+    return result
