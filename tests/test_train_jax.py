@@ -442,3 +442,27 @@ def test_batch_not_divisible_by_devices_is_refused(cli_run_4dev):
             in proc.stderr) and "nearest: 16 or 20" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert tree_digest(workdir) == before
+
+
+def test_eval_reports_the_bound_and_averages_noise_draws(cli_run_4dev):
+    """--config.training.eval_timesteps picks the bound (continuous, or discrete with T steps: higher, and
+    closer to the continuous one as T grows); eval_noise_samples averages draws per image, shrinking the
+    standard error; each result names its bound and lands in its own file."""
+    workdir, _ = cli_run_4dev
+    one = jax.devices()[:1]
+
+    def evaluate(timesteps: int, draws: int) -> dict:
+        overrides = {"training.eval_timesteps": timesteps, "training.eval_noise_samples": draws}
+        return train.main(None, str(workdir), "eval", overrides, devices=one)
+
+    continuous, coarse, fine = evaluate(0, 8), evaluate(10, 8), evaluate(1000, 8)
+    assert continuous["bound"] == "continuous" and coarse["bound"] == "T10" and fine["bound"] == "T1000"
+    # Same t draws (rounded up to k/T), same eps: the T=10 bound is clearly above, T=1000 near the continuous one.
+    assert coarse["bpd_diff"] > fine["bpd_diff"] + 5 * fine["bpd_stderr"]
+    assert abs(fine["bpd"] - continuous["bpd"]) < 0.1 * (coarse["bpd"] - continuous["bpd"])
+    # The prior and reconstruction terms do not depend on the bound.
+    assert coarse["bpd_recon"] == pytest.approx(continuous["bpd_recon"], rel=1e-6)
+    single = evaluate(0, 1)
+    assert continuous["bpd_stderr"] < single["bpd_stderr"]
+    assert json.loads((workdir / "eval" / "step_6_T10.json").read_text())["bpd"] == coarse["bpd"]
+    assert run.format_eval(coarse).startswith("test bpd (discrete-time VLB, T=10, 8 noise draws per image)")

@@ -156,6 +156,10 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              t.steps_per_sample, "an integer >= 0 (0: no sample grids during training)")
     _require(_is_int(t.num_eval_batches) and t.num_eval_batches >= 0, "training.num_eval_batches",
              t.num_eval_batches, "an integer >= 0 (0: the whole test split)")
+    _require(_is_int(t.eval_timesteps) and t.eval_timesteps >= -1, "training.eval_timesteps", t.eval_timesteps,
+             "-1 (the bound the model trains on), 0 (continuous-time bound) or a number of steps T >= 1")
+    _require(_is_int(t.eval_noise_samples) and t.eval_noise_samples >= 1, "training.eval_noise_samples",
+             t.eval_noise_samples, "an integer >= 1")
     for name in ("steps_per_logging", "steps_per_eval", "steps_per_save"):
         _require(t[name] % t.substeps == 0, f"training.{name}", t[name],
                  f"a multiple of training.substeps ({t.substeps}): the host sees the state every substeps steps")
@@ -246,6 +250,8 @@ def default_training() -> dict:
             steps_per_sample=0,
             checkpoints_to_keep=3,
             num_eval_batches=100,         # 0: evaluate on the whole test split
+            eval_timesteps=-1,            # the bound eval reports: -1 the trained loss's, 0 continuous, T discrete
+            eval_noise_samples=1,         # noise draws (t, eps) per test image, averaged per image
             sample_steps=1000,            # T of the ancestral sampler
             num_samples=64,
         ),

@@ -15,6 +15,7 @@ training.num_samples samples in training.sample_steps steps), plot (bpd curves f
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -104,13 +105,33 @@ def eval_statistics(per_example: Mapping[str, np.ndarray]) -> dict[str, float]:
     return stats
 
 
-def eval_path(workdir: str, step: int) -> Path:
-    return workdir_lib.layout(workdir).eval / f"step_{step}.json"
+def eval_bound(model_config: config_lib.ModelConfig, eval_timesteps: int) -> tuple[config_lib.ModelConfig, str]:
+    """The model config whose loss is the bound to report, and the bound's tag ('continuous' or 'T<steps>').
+
+    eval_timesteps: -1 the bound the model trains on; 0 the continuous-time VLB; T the discrete-time VLB with
+    T steps (same weights, only the diffusion term changes; it lies above the continuous-time bound).
+    """
+    T = model_config.sm_n_timesteps if eval_timesteps == -1 else eval_timesteps
+    if T != model_config.sm_n_timesteps:
+        model_config = dataclasses.replace(model_config, sm_n_timesteps=T, variance_minimisation=False)
+    return model_config, ("continuous" if T == 0 else f"T{T}")
 
 
-def write_eval_result(workdir: str, result: Mapping[str, Any]) -> Path:
-    """Writes an eval result ({'step', 'bpd', ...}) to eval/step_<step>.json atomically; returns the path."""
-    path = eval_path(workdir, int(result["step"]))
+def bound_name(tag: str) -> str:
+    """'continuous' -> 'continuous-time VLB'; 'T1000' -> 'discrete-time VLB, T=1000'."""
+    return "continuous-time VLB" if tag == "continuous" else f"discrete-time VLB, T={tag[1:]}"
+
+
+def eval_path(workdir: str, step: int, tag: str = "") -> Path:
+    """eval/step_<step>.json, or eval/step_<step>_<tag>.json for a bound other than the trained one."""
+    return workdir_lib.layout(workdir).eval / f"step_{step}{'_' + tag if tag else ''}.json"
+
+
+def write_eval_result(workdir: str, result: Mapping[str, Any], trained_tag: str | None = None) -> Path:
+    """Writes an eval result ({'step', 'bpd', 'bound', ...}) to eval/step_<step>[_<bound>].json atomically;
+    the suffix appears when the result's bound differs from the trained one. Returns the path."""
+    tag = result.get("bound", "")
+    path = eval_path(workdir, int(result["step"]), "" if tag in ("", trained_tag) else tag)
     path.parent.mkdir(parents=True, exist_ok=True)
     workdir_lib.atomic_write_text(path, json.dumps(dict(result), indent=2, sort_keys=True) + "\n")
     return path
@@ -118,7 +139,10 @@ def write_eval_result(workdir: str, result: Mapping[str, Any]) -> Path:
 
 def format_eval(result: Mapping[str, Any]) -> str:
     """One line: test bpd +- stderr, its terms, and (when present) the per-pixel baseline and the gain."""
-    text = (f"test bpd {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} over {result['num_examples']} images "
+    bound = f"{bound_name(result['bound'])}, " if result.get("bound") else ""
+    draws = result.get("noise_samples", 1)
+    text = (f"test bpd ({bound}{draws} noise draw{'s' if draws > 1 else ''} per image) "
+            f"{result['bpd']:.4f} +- {result['bpd_stderr']:.4f} over {result['num_examples']} images "
             f"(step {result['step']}, EMA params; recon {result['bpd_recon']:.4f}, latent {result['bpd_latent']:.4f}, "
             f"diffusion {result['bpd_diff']:.4f})")
     if result.get("baseline_bpd") is not None:

@@ -58,6 +58,8 @@ RESUMABLE_FIELDS = frozenset({
     "training.sample_steps",
     "training.batch_size_eval",
     "training.num_eval_batches",
+    "training.eval_timesteps",
+    "training.eval_noise_samples",
     "data.data_dir",
     "data.manual_dir",
 })

@@ -162,18 +162,25 @@ def make_eval_fn(model_config: ModelConfig, mesh: Mesh) -> Callable:
 
 
 def evaluate(eval_fn: Callable, params, dataset: data_lib.Dataset, batch_size: int, num_batches: int,
-             mesh: Mesh, rng: jax.Array) -> dict[str, float]:
+             mesh: Mesh, rng: jax.Array, noise_samples: int = 1) -> dict[str, float]:
     """Mean bpd (and terms) over the test split (or its first `num_batches` batches) with the standard error.
 
-    Batch b uses the noise of fold_in(rng, b): the same draws at every evaluation of a run.
+    Each image's value is the mean over `noise_samples` draws of (t, eps); draw k of batch b uses the noise of
+    fold_in(fold_in(rng, k), b) (draw 0 is fold_in(rng, b)): the same draws at every evaluation of a run.
+    The standard error is over images, of their averaged values.
     """
     collected: dict[str, list[np.ndarray]] = {name: [] for name in run.EVAL_TERMS}
     batches = data_lib.eval_batches(dataset, batch_size, jax.process_index(), jax.process_count(), num_batches)
     for b, (images, conditioning, mask) in enumerate(batches):
-        terms, global_mask = eval_fn(params, global_array(mesh, images, 0), global_array(mesh, conditioning, 0),
-                                     global_array(mesh, mask, 0), rng, np.int32(b))
+        args = (global_array(mesh, images, 0), global_array(mesh, conditioning, 0), global_array(mesh, mask, 0))
+        sums: dict[str, np.ndarray] = {}
+        for k in range(noise_samples):
+            draw_rng = rng if k == 0 else jax.random.fold_in(rng, k)
+            terms, global_mask = eval_fn(params, *args, draw_rng, np.int32(b))
+            for name, values in to_host(terms).items():
+                sums[name] = sums.get(name, 0.0) + values / noise_samples
         keep = to_host(global_mask) > 0
-        for name, values in to_host(terms).items():
+        for name, values in sums.items():
             collected[name].append(values[keep])
     return run.eval_statistics({name: np.concatenate(parts) for name, parts in collected.items()})
 
@@ -428,11 +435,13 @@ def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, 
         _say(f"wrote {config.training.num_samples} samples ({config.training.sample_steps} steps) of step {step}: "
              f"{path}")
         return {"path": str(path) if path else None, "step": step}
-    result = evaluate(make_eval_fn(r.model_config, r.mesh), state.ema_params, r.dataset,
-                      config.training.batch_size_eval, 0, r.mesh, r.eval_rng)
-    result = dict(result, step=step, params="ema", backend=BACKEND, checkpoint=latest[1],
-                  baseline_bpd=r.baseline_bpd)
+    t = config.training
+    eval_config, bound = run.eval_bound(r.model_config, t.eval_timesteps)
+    result = evaluate(make_eval_fn(eval_config, r.mesh), state.ema_params, r.dataset, t.batch_size_eval, 0,
+                      r.mesh, r.eval_rng, t.eval_noise_samples)
+    result = dict(result, step=step, params="ema", backend=BACKEND, checkpoint=latest[1], bound=bound,
+                  noise_samples=t.eval_noise_samples, baseline_bpd=r.baseline_bpd)
     if r.is_main:
-        path = run.write_eval_result(workdir, result)
+        path = run.write_eval_result(workdir, result, trained_tag=run.eval_bound(r.model_config, -1)[1])
         _say(f"{run.format_eval(result)}\nwrote {path}")
     return result
