@@ -4,6 +4,12 @@ The update is the official one, written to match `vdm_jax/steps.py` (optax) exac
 batch, AdamW with weight decay on every parameter but biases, LR warmup linear from 0, optional
 global-norm clipping with optax's formula (no 1e-6 added to the norm, unlike torch's clip_grad_norm_),
 EMA `ema + (1 - rate)(params - ema)` kept on the unwrapped model.
+
+Data parallelism (DistributedDataParallel, see `vdm_torch.train`): each process calls `train_step` on its
+slice of the global batch with `shard=(process index, process count)`. The loss noise is drawn for the
+GLOBAL batch from a generator in the same state on every process (`step_generator`) and each process keeps
+its rows (`draw_shard_noise`), as the JAX step draws it for the global batch inside `jax.jit`: t stays
+antithetic over the global batch and the numbers do not depend on the number of processes.
 """
 from __future__ import annotations
 
@@ -11,12 +17,15 @@ import copy
 import dataclasses
 
 import ml_collections
+import numpy as np
 import torch
 from torch import nn
 
 from vdm_common.config import ModelConfig
 from vdm_common.types import Noise, bits_per_dim, nats_to_bpd_scale
 from vdm_torch.vdm import VDM, draw_noise, init_params
+
+_DROPOUT_STREAM = 0x64726F70     # keeps the dropout seeds apart from other SeedSequence uses of the same seed
 
 
 @dataclasses.dataclass
@@ -69,6 +78,36 @@ def step_generator(seed: int, step: int, device: torch.device | str = "cpu") -> 
     return generator
 
 
+def draw_shard_noise(generator: torch.Generator | None, local_shape, model_config: ModelConfig,
+                     shard: tuple[int, int] = (0, 1), device=None) -> Noise:
+    """The noise of this process's rows of a global batch: draws (t, eps, eps_0) for the global batch of
+    count * B images (vdm.draw_noise) and returns rows [index * B, (index + 1) * B).
+
+    local_shape: (B, C, H, W) of this process's images; shard: (index, count). Every process must pass a
+    generator in the same state. shard=(0, 1) is exactly draw_noise(generator, local_shape, ...).
+    """
+    index, count = shard
+    if not 0 <= index < count:
+        raise ValueError(f"shard {shard}: the index must be in [0, count)")
+    batch = local_shape[0]
+    noise = draw_noise(generator, (batch * count, *local_shape[1:]), model_config, device=device)
+    rows = slice(index * batch, (index + 1) * batch)
+    return Noise(*(x[rows] for x in noise))
+
+
+def seed_dropout(seed: int, step: int, process_index: int = 0) -> None:
+    """Seeds the default generators (CPU and every GPU) for the dropout masks of step `step` on one process.
+
+    torch's dropout draws from the default generators, which take no per-call generator: seeding them from
+    (seed, step, process) makes every step's masks a function of the step, so a resumed run draws the masks
+    an uninterrupted one draws. Unlike the JAX step (masks drawn for the global batch), the masks depend on
+    the process count: with dropout on, an N-process run follows a different (equally valid) trajectory
+    from a 1-process one; with model.sm_pdrop = 0 they agree.
+    """
+    words = np.random.SeedSequence([_DROPOUT_STREAM, int(seed) % 2**64, int(step), int(process_index)])
+    torch.manual_seed(int(words.generate_state(1, np.uint64)[0] % 2**63))
+
+
 def clip_by_global_norm_(params, max_norm: float) -> torch.Tensor:
     """Scales gradients by min(1, max_norm / norm) in place (optax's formula); returns the norm before."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -88,17 +127,24 @@ def update_ema_(ema: nn.Module, model: nn.Module, rate: float) -> None:
 
 def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state: TrainState, images,
                conditioning, generator: torch.Generator | None = None, noise: Noise | None = None,
-               deterministic: bool | None = None, forward: nn.Module | None = None) -> dict:
+               deterministic: bool | None = None, forward: nn.Module | None = None,
+               shard: tuple[int, int] = (0, 1)) -> dict:
     """One optimizer step on images (B, C, H, W), conditioning (B,); updates `state` in place.
 
-    noise: injected draws (parity tests); None draws them from `generator`.
+    noise: injected draws for these B images (parity tests); None draws them from `generator`.
     deterministic: dropout off; defaults to model.sm_pdrop == 0.
-    forward: the module to call (a DDP wrapper of state.model, which averages the gradients); default
-    state.model.
+    forward: the module to call (a DistributedDataParallel wrapper of state.model, which averages the
+    gradients); default state.model.
+    shard: (index, count) when the images are process `index`'s rows of a global batch split over `count`
+    processes: the noise is then drawn for the global batch and sliced (`draw_shard_noise`).
+    The loss is the mean over the B LOCAL images. DDP averages the gradients over the processes, which is
+    the gradient of the global batch mean only because every process holds the same number of images
+    (vdm_common.data.train_batch splits the global batch evenly, and the trainer refuses a batch size that
+    does not divide). Metrics are this process's (the trainer averages them over processes).
     Returns metrics bpd, its parts, grad_norm (before clipping), learning_rate, as 0-d tensors (no sync).
     """
     if noise is None:
-        noise = draw_noise(generator, images.shape, model_config, device=images.device)
+        noise = draw_shard_noise(generator, images.shape, model_config, shard, device=images.device)
     if deterministic is None:
         deterministic = model_config.sm_pdrop == 0
     lr = learning_rate(opt)(state.step)
@@ -113,7 +159,7 @@ def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state:
     update_ema_(state.ema, state.model, opt.ema_rate)
     state.step += 1
     metrics = {k: v.detach() for k, v in parts.items()}
-    metrics.update(grad_norm=grad_norm.detach(), learning_rate=torch.tensor(lr))
+    metrics.update(grad_norm=grad_norm.detach(), learning_rate=torch.tensor(lr, device=grad_norm.device))
     return metrics
 
 

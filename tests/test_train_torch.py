@@ -1,0 +1,546 @@
+"""The PyTorch trainer (vdm_torch.train, vdm_torch.checkpoint, train_torch.py), and its workdirs read by and from
+the JAX trainer.
+
+Multi-process cases run under torchrun (gloo on CPU) with one thread per process (OMP_NUM_THREADS=1: the
+machine may have 2 cores). Models are tiny (11K parameters), as in tests/test_train_jax.py, so a step takes
+milliseconds; process start-up dominates.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vdm_common import config as config_lib
+from vdm_common import data as data_lib
+from vdm_common import neutral, run
+from vdm_common import workdir as workdir_lib
+from vdm_common.types import Noise
+from vdm_torch import checkpoint, steps, train, vdm
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+
+# Pinned beside the quickstart config (which may be retuned), as in test_train_jax.py.
+TINY_MODEL = ["model.sm_n_embd=8", "model.sm_n_layer=1", "model.norm_groups=4", "model.sm_pdrop=0.0",
+              "model.fourier_start=6", "model.fourier_stop=8", "optimizer.learning_rate=2e-3"]
+TINY_RUN = TINY_MODEL + [
+    "training.num_steps_train=6", "training.substeps=2", "training.batch_size_train=16",
+    "training.batch_size_eval=100", "training.num_eval_batches=0", "training.steps_per_logging=2",
+    "training.steps_per_eval=6", "training.steps_per_save=2", "training.checkpoints_to_keep=2",
+    "training.steps_per_sample=6", "training.num_samples=4", "training.sample_steps=3",
+    "optimizer.num_steps_lr_warmup=2",
+]
+# 3 steps of a warm learning rate (no warmup: the first step moves the parameters), everything logged.
+DDP_RUN = TINY_MODEL + [
+    "training.num_steps_train=3", "training.substeps=1", "training.batch_size_train=16",
+    "training.batch_size_eval=100", "training.steps_per_logging=1", "training.steps_per_eval=3",
+    "training.steps_per_save=3", "training.steps_per_sample=0", "optimizer.num_steps_lr_warmup=0",
+]
+
+# Float32 tolerance of 2 processes against 1, as in test_train_jax.py: the per-example computation is the
+# same; each process averages its 8 examples and DDP averages the 2 means, where 1 process averages 16.
+# Reassociating a float32 sum of 16 terms changes it by ~16 * 2^-24 of the sum of their magnitudes, so
+# EMA and Adam moments agree to RTOL / ATOL (measured: <= 3e-8 absolute). The parameters need more: the
+# compared steps start at init, where the zero output convolution makes many gradients sums that nearly
+# cancel, whose RELATIVE error is then large, and Adam's normalised update m / sqrt(v) passes that on at
+# the scale of the learning rate (2e-3), not of the weight. Measured: 2e-7 = 1e-4 lr on 1 of 10.9K weights;
+# allowed: 5e-4 lr.
+RTOL, ATOL = 2e-5, 1e-7
+PARAMS_ATOL = 5e-4 * 2e-3
+TRAIN_FIELDS = {"step", "split", "bpd", "bpd_recon", "bpd_latent", "bpd_diff", "learning_rate", "grad_norm",
+                "steps_per_sec"}
+
+
+def tiny_config(*extra: str):
+    return config_lib.load_config(QUICKSTART, TINY_RUN + list(extra))
+
+
+def cli_args(overrides) -> list[str]:
+    return [f"--config.{item}" for item in overrides]
+
+
+def env_one_thread() -> dict:
+    env = dict(os.environ)
+    env["OMP_NUM_THREADS"] = "1"
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_cli(args, processes: int = 0, check: bool = True) -> subprocess.CompletedProcess:
+    """train_torch.py in one plain process (processes=0) or under torchrun with that many processes."""
+    launcher = [] if processes == 0 else ["-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc_per_node={processes}", "--max_restarts=0"]
+    proc = subprocess.run([sys.executable, *launcher, str(ROOT / "train_torch.py"), *args], cwd=ROOT,
+                          env=env_one_thread(), capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train_torch.py {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def tree_digest(path: Path) -> dict[str, str]:
+    """{relative path: sha256} of every file under path (to prove nothing was touched)."""
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def records(workdir, split: str) -> list[dict]:
+    from vdm_common.metrics import read_metrics
+    return [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["split"] == split]
+
+
+def assert_neutral_close(a: neutral.NeutralCheckpoint, b: neutral.NeutralCheckpoint, rtol=RTOL, atol=ATOL,
+                         params_atol=PARAMS_ATOL):
+    assert a.step == b.step and a.opt_count == b.opt_count
+    for name in ("params", "ema_params", "opt_mu", "opt_nu"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert sorted(x) == sorted(y)
+        for key in x:
+            np.testing.assert_allclose(x[key], y[key], rtol=rtol, atol=params_atol if name == "params" else atol,
+                                       err_msg=f"{name}/{key}")
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    """Two native checkpoint dicts hold bit-identical model, EMA and optimizer state."""
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        assert list(a[part]) == list(b[part])
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}.{key}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sorted(sa) == sorted(sb) and len(sa) > 50
+    for index in sa:
+        for key in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(sa[index][key], sb[index][key]), f"optimizer state {index} {key}"
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+
+
+def load_pt(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+def test_shard_noise_is_the_global_draw_sliced():
+    mc = config_lib.model_config(tiny_config())
+    whole = vdm.draw_noise(steps.step_generator(3, 5), (16, 1, 8, 8), mc)
+    halves = [steps.draw_shard_noise(steps.step_generator(3, 5), (8, 1, 8, 8), mc, (i, 2)) for i in range(2)]
+    for field in Noise._fields:
+        joined = torch.cat([getattr(h, field) for h in halves])
+        assert torch.equal(joined, getattr(whole, field)), field
+    # t is antithetic over the GLOBAL batch: 16 evenly spaced times, 8 per process.
+    spacing = torch.diff(torch.sort(whole.t).values)
+    torch.testing.assert_close(spacing, torch.full_like(spacing, 1 / 16))
+    alone = steps.draw_shard_noise(steps.step_generator(3, 5), (16, 1, 8, 8), mc)
+    assert all(torch.equal(x, y) for x, y in zip(alone, whole))
+
+
+def test_bf16_autocast_keeps_t_gamma_and_the_loss_in_float32():
+    mc = config_lib.model_config(tiny_config("model.compute_dtype='bfloat16'", "model.with_attention=True"))
+    model = vdm.init_params(mc, 0)
+    seen = {}
+
+    def record(name, index=None):
+        def hook(module, inputs, output=None):
+            seen.setdefault(name, (output if index is None else inputs[index]).dtype)
+        return hook
+
+    model.gamma.register_forward_hook(record("gamma"))
+    model.score_model.conv_in.register_forward_hook(record("conv"))
+    model.score_model.register_forward_hook(record("eps_hat"))
+    model.score_model.dense0.register_forward_pre_hook(record("t_embedding", 0))
+    images = torch.randint(0, 17, (4, 1, 8, 8))
+    terms = model.loss_terms(images, torch.zeros(4), generator=steps.step_generator(0, 0))
+    assert seen == {"gamma": torch.float32, "t_embedding": torch.float32, "conv": torch.bfloat16,
+                    "eps_hat": torch.float32}
+    assert all(x.dtype == torch.float32 for x in terms)
+    state = steps.create_train_state(mc, tiny_config().optimizer, 0)
+    steps.train_step(mc, tiny_config().optimizer, state, images, torch.zeros(4), steps.step_generator(0, 0))
+    for name, tensors in (("params", state.model.parameters()), ("ema", state.ema.parameters())):
+        assert all(p.dtype == torch.float32 for p in tensors), name
+    assert all(s["exp_avg"].dtype == torch.float32 for s in state.optimizer.state.values())
+
+
+def test_checkpoints_are_atomic_keep_the_newest_and_restore_exactly(tmp_path, monkeypatch):
+    config = tiny_config()
+    mc, opt = config_lib.model_config(config), config.optimizer
+    state = steps.create_train_state(mc, opt, 0, fused=True)
+    ckpt = checkpoint.Checkpointer(tmp_path, mc, max_to_keep=2)
+    ds = data_lib.load_dataset(config.data)
+    saved = {}
+    for step in range(3):
+        images, cond = data_lib.train_batch(ds, 0, step, 16)
+        steps.train_step(mc, opt, state, train.to_device(images, torch.device("cpu")), torch.from_numpy(cond),
+                         steps.step_generator(0, step))
+        ckpt.save(state.step, state)
+        saved[state.step] = load_pt(ckpt.path(state.step))
+    assert ckpt.torch_steps() == [2, 3] and run.neutral_steps(str(tmp_path)) == [2, 3]
+    assert ckpt.latest() == (3, "torch")
+    assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved[3]["model"])
+    assert set(saved[3]) == {"model", "ema", "optimizer", "step", "model_config", "rng"}
+
+    restored = ckpt.restore(3, "torch", opt, fused=False)       # saved with fused AdamW, resumed without
+    again = checkpoint.convert.state_to_checkpoint(restored)
+    again["optimizer"]["param_groups"] = saved[3]["optimizer"]["param_groups"]     # only 'fused' differs
+    assert_same_state(again, saved[3])
+    assert restored.step == 3 and all(g["fused"] is False for g in restored.optimizer.param_groups)
+    assert all(s["step"].device.type == "cpu" for s in restored.optimizer.state.values())
+    exported = neutral.load_neutral(run.neutral_path(str(tmp_path), 3))
+    assert exported.opt_count == 3 and exported.extra["backend"] == "torch"
+
+    # A write that dies half-way leaves no file under a final name and no temporary file; older steps stay.
+    before = tree_digest(tmp_path)
+
+    def dying_save(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", dying_save)
+    state.step = 4
+    with pytest.raises(checkpoint.CheckpointError, match=r"step 4 .*No space left.*Earlier checkpoints are intact"):
+        ckpt.save(4, state)
+    assert tree_digest(tmp_path) == before and not list(tmp_path.rglob("*.tmp"))
+
+
+# --------------------------------------------------------------------------------- CLI, single process
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    """`train_torch.py` (quickstart config, tiny model, 6 steps) in one plain process."""
+    workdir = tmp_path_factory.mktemp("cli") / "run"
+    proc = run_cli([f"--workdir={workdir}", *cli_args(TINY_RUN)])
+    return workdir, proc
+
+
+def test_quickstart_cli_end_to_end(cli_run):
+    workdir, proc = cli_run
+    out = proc.stdout + proc.stderr
+    assert "[torch] 1 device(s) in 1 process(es); global batch 16 = 16 per device" in out
+    assert "10.88K parameters" in out and f"metrics      {workdir}/metrics.jsonl" in out
+    assert json.loads((workdir / "run.json").read_text())["backend"] == "torch"
+    train_rows, eval_rows = records(workdir, "train"), records(workdir, "eval")
+    assert [r["step"] for r in train_rows] == [2, 4, 6] and [r["step"] for r in eval_rows] == [6]
+    for row in train_rows:
+        assert set(row) == TRAIN_FIELDS
+        assert row["bpd"] == pytest.approx(row["bpd_recon"] + row["bpd_latent"] + row["bpd_diff"], rel=1e-5)
+        assert 1.0 < row["bpd"] < 20.0 and row["grad_norm"] > 0 and row["steps_per_sec"] > 0
+    # LR warmup over 2 steps from 0: steps 0, 1 -> 0, 1e-3 (mean 5e-4); then 2e-3 (as float32, as JAX logs it).
+    assert train_rows[0]["learning_rate"] == pytest.approx(5e-4, rel=1e-6)
+    assert train_rows[2]["learning_rate"] == pytest.approx(2e-3, rel=1e-6)
+    assert set(eval_rows[0]) == {"step", "split", "bpd", "bpd_recon", "bpd_latent", "bpd_diff", "bpd_stderr"}
+    assert eval_rows[0]["bpd_stderr"] > 0 and 1.0 < eval_rows[0]["bpd"] < 20.0
+    assert "over 297 images (step 6" in out and "per-pixel categorical baseline 2.4131" in out
+    ckpt = checkpoint.Checkpointer(workdir, config_lib.model_config(tiny_config()), 2, read_only=True)
+    assert ckpt.torch_steps() == [4, 6] and run.neutral_steps(str(workdir)) == [4, 6]
+    exported = neutral.load_neutral(run.neutral_path(str(workdir), 6))
+    assert exported.step == 6 and exported.opt_count == 6 and exported.extra["backend"] == "torch"
+    from PIL import Image
+    grid = Image.open(workdir / "samples" / "step_6_n4_T3.png")
+    assert grid.mode == "L" and grid.size[0] >= 256 and grid.size == grid.size[::-1]
+    assert (workdir / "plots" / "bpd.png").stat().st_size > 1000
+    assert len(list((workdir / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 1
+    # Eval mode on the finished run reproduces the final eval of training (same params, same noise).
+    result = train.main(None, str(workdir), "eval", device="cpu")
+    assert result["bpd"] == pytest.approx(eval_rows[0]["bpd"], rel=1e-9) and result["checkpoint"] == "torch"
+    assert json.loads((workdir / "eval" / "step_6.json").read_text())["bpd_stderr"] == result["bpd_stderr"]
+
+
+def test_eval_reports_the_bound_and_averages_noise_draws(cli_run):
+    """As the JAX trainer: --config.training.eval_timesteps picks the bound (continuous, or discrete with T
+    steps: higher, and closer to the continuous one as T grows); eval_noise_samples averages draws per image,
+    shrinking the standard error; each result names its bound and lands in its own file."""
+    workdir, _ = cli_run
+
+    def evaluate(timesteps: int, draws: int) -> dict:
+        overrides = {"training.eval_timesteps": timesteps, "training.eval_noise_samples": draws}
+        return train.main(None, str(workdir), "eval", overrides, device="cpu")
+
+    continuous, coarse, fine = evaluate(0, 8), evaluate(10, 8), evaluate(1000, 8)
+    assert continuous["bound"] == "continuous" and coarse["bound"] == "T10" and fine["bound"] == "T1000"
+    assert coarse["bpd_diff"] > fine["bpd_diff"] + 5 * fine["bpd_stderr"]
+    assert abs(fine["bpd"] - continuous["bpd"]) < 0.1 * (coarse["bpd"] - continuous["bpd"])
+    assert coarse["bpd_recon"] == pytest.approx(continuous["bpd_recon"], rel=1e-6)
+    single = evaluate(0, 1)
+    assert continuous["bpd_stderr"] < single["bpd_stderr"]
+    assert json.loads((workdir / "eval" / "step_6_T10.json").read_text())["bpd"] == coarse["bpd"]
+    assert run.format_eval(coarse).startswith("test bpd (discrete-time VLB, T=10, 8 noise draws per image)")
+
+
+# --------------------------------------------------------------------------------- data parallelism
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory):
+    """DDP_RUN in 2 gloo processes under torchrun, and in 1 plain process: (workdir2, proc2, workdir1)."""
+    base = tmp_path_factory.mktemp("ddp")
+    two, one = base / "two", base / "one"
+    proc = run_cli([f"--workdir={two}", *cli_args(DDP_RUN)], processes=2)
+    run_cli([f"--workdir={one}", *cli_args(DDP_RUN)])
+    return two, proc, one
+
+
+@pytest.mark.slow
+def test_two_ddp_processes_equal_one_process(ddp_runs):
+    two, proc, one = ddp_runs
+    assert "[torch] 2 device(s) in 2 process(es); global batch 16 = 8 per device" in proc.stdout
+    a = neutral.load_neutral(run.neutral_path(str(two), 3))
+    b = neutral.load_neutral(run.neutral_path(str(one), 3))
+    assert_neutral_close(a, b)
+    init_seed = train.stream_seed(tiny_config().training.seed, 0, 0)        # the trainer's init stream
+    start = checkpoint.convert.params_to_neutral(vdm.init_params(a.model_config, init_seed))
+    # Each of the 3 steps moved most parameters by ~lr = 2e-3, far beyond the tolerance.
+    moved = [k for k in start if np.max(np.abs(a.params[k] - start[k])) > 1e-4]
+    assert len(moved) > 0.8 * len(start)
+    for split in ("train", "eval"):
+        for x, y in zip(records(two, split), records(one, split), strict=True):
+            assert x["step"] == y["step"]
+            for name in ("bpd", "bpd_recon", "bpd_latent", "bpd_diff") + (("grad_norm",) if split == "train" else ()):
+                assert x[name] == pytest.approx(y[name], rel=RTOL, abs=ATOL), (split, x["step"], name)
+    saved = load_pt(checkpoint.Checkpointer(two, a.model_config, 3).path(3))
+    for part in ("model", "ema"):
+        assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved[part]), part
+    # The checkpoint of 2 processes restores in 1, whose eval (the same draws) is the 2-process eval.
+    result = train.main(None, str(two), "eval", device="cpu")
+    assert result["checkpoint"] == "torch" and result["bpd"] == pytest.approx(records(two, "eval")[-1]["bpd"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_batch_not_divisible_by_the_processes_is_refused(ddp_runs):
+    two, _, _ = ddp_runs
+    before = tree_digest(two)
+    overrides = [o for o in DDP_RUN if not o.startswith("training.batch_size_train")]
+    proc = run_cli([f"--workdir={two}", *cli_args(overrides), "--config.training.batch_size_train=15"], processes=2,
+                   check=False)
+    assert proc.returncode != 0
+    assert ("config.training.batch_size_train = 15 is not divisible by the number of devices (2)" in proc.stderr
+            and "nearest: 14 or 16" in proc.stderr)
+    assert "vdm_torch" not in proc.stderr        # a message, not a traceback from our code
+    assert tree_digest(two) == before
+
+
+# ------------------------------------------------------------------------------------ resume, faults
+
+class Crash(Exception):
+    """Stands for whatever kills a run (preemption, a failing disk) between two checkpoints."""
+
+
+@pytest.mark.slow
+def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
+    # Dropout on: its masks must come back the same after a resume as well.
+    config = tiny_config("training.num_steps_train=8", "training.steps_per_save=4", "training.steps_per_eval=8",
+                         "training.num_eval_batches=1", "training.steps_per_sample=0", "model.sm_pdrop=0.1")
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    train.main(config, str(whole), device="cpu")
+
+    real_batch = data_lib.train_batch
+
+    def failing_batch(dataset, seed, step, *args, **kwargs):
+        if step >= 6:
+            raise Crash(f"killed at step {step}")
+        return real_batch(dataset, seed, step, *args, **kwargs)
+
+    monkeypatch.setattr(data_lib, "train_batch", failing_batch)
+    with pytest.raises(Crash):
+        train.main(config, str(broken), device="cpu")
+    monkeypatch.undo()
+    mc = config_lib.model_config(config)
+    assert checkpoint.Checkpointer(broken, mc, 3).torch_steps() == [4]
+    assert [r["step"] for r in records(broken, "train")] == [2, 4, 6]      # died in steps 6..7, after logging
+    torch.manual_seed(12345)       # whatever the process did meanwhile: the run's draws do not depend on it
+
+    summary = train.main(config, str(broken), device="cpu")
+    assert summary["step"] == 8
+    a, b = (load_pt(checkpoint.Checkpointer(w, mc, 3).path(8)) for w in (whole, broken))
+    assert_same_state(a, b)
+    assert records(whole, "eval")[-1] == records(broken, "eval")[-1]
+    strip = lambda row: {k: v for k, v in row.items() if k != "steps_per_sec"}   # noqa: E731
+    assert strip(records(whole, "train")[-1]) == strip(records(broken, "train")[-1])
+
+
+@pytest.fixture
+def npz_run(tmp_path):
+    """A finished 2-step run on a user's .npz data set: (workdir, npz path, config overrides)."""
+    digits = data_lib.load_dataset(tiny_config().data)
+    npz = tmp_path / "images.npz"
+    np.savez(npz, train=digits.train[:200], test=digits.test[:50], vocab_size=np.int64(17))
+    overrides = ["data.dataset=npz", f"data.npz_path={npz}", "training.num_steps_train=2",
+                 "training.steps_per_sample=0", "training.batch_size_eval=50"]
+    workdir = tmp_path / "run"
+    train.main(tiny_config(*overrides), str(workdir), device="cpu")
+    return workdir, npz, overrides
+
+
+def test_bad_inputs_give_clear_errors_and_touch_no_checkpoint(npz_run):
+    workdir, npz, overrides = npz_run
+    before = tree_digest(workdir)
+    assert "checkpoints/torch/step_2.pt" in before
+    good = npz.read_bytes()
+
+    npz.write_bytes(good[: len(good) // 2])                               # a truncated file
+    with pytest.raises(data_lib.DataError, match=str(npz)):
+        train.main(tiny_config(*overrides), str(workdir), device="cpu")
+    npz.unlink()                                                          # a missing file
+    with pytest.raises(data_lib.DataError, match=r"does not exist"):
+        train.main(tiny_config(*overrides), str(workdir), device="cpu")
+    npz.write_bytes(good)
+    with pytest.raises(workdir_lib.WorkdirError) as error:               # a different config
+        train.main(tiny_config(*overrides, "model.sm_n_embd=16", "optimizer.learning_rate=1e-3"), str(workdir),
+                   device="cpu")
+    assert "2 field(s) differ" in str(error.value)
+    assert "model.sm_n_embd: stored=8 new=16" in str(error.value)
+    assert "optimizer.learning_rate: stored=0.002 new=0.001" in str(error.value)
+    with pytest.raises(run.RunError, match=r"refused: \['model.sm_n_embd'\]"):
+        train.main(None, str(workdir), "eval", {"model.sm_n_embd": 16}, device="cpu")
+    assert tree_digest(workdir) == before
+
+
+# ------------------------------------------------------------------------------- the other backend
+
+@pytest.fixture(scope="module")
+def jax_run(tmp_path_factory):
+    """A 6-step run of the JAX trainer (1 device, no sample grid): (workdir, config)."""
+    jax = pytest.importorskip("jax")
+    from vdm_jax import train as jax_train
+    workdir = tmp_path_factory.mktemp("jax") / "run"
+    config = tiny_config("training.steps_per_sample=0")
+    jax_train.main(config, str(workdir), devices=jax.devices()[:1])
+    return workdir, config
+
+
+def jax_eval_noise(rng, model_config):
+    """noise_fn for train.evaluate: the noise JAX's evaluate draws for draw k of batch b from `rng` (times
+    independent per example, as both trainers evaluate), as NCHW tensors."""
+    import jax
+    from vdm_jax import vdm as jax_vdm
+
+    def noise_fn(b, k, shape):
+        batch, channels, height, width = shape
+        draw_rng = rng if k == 0 else jax.random.fold_in(rng, k)
+        draws = jax_vdm.draw_noise(jax.random.fold_in(draw_rng, np.int32(b)), (batch, height, width, channels),
+                                   train.eval_noise_config(model_config))
+        nchw = lambda x: torch.from_numpy(np.array(x)).permute(0, 3, 1, 2)   # noqa: E731
+        return Noise(torch.from_numpy(np.array(draws.t)), nchw(draws.eps), nchw(draws.eps_0))
+    return noise_fn
+
+
+def jax_evaluate(workdir, config, source: str, rng, eval_timesteps: int = -1, noise_samples: int = 1) -> dict:
+    """JAX's evaluate of the EMA params of step 6 of a workdir (its orbax or neutral checkpoint) with `rng`."""
+    import jax
+    from vdm_jax import checkpoint as jax_checkpoint, train as jax_train
+    mc, opt = config_lib.model_config(config), config.optimizer
+    mesh = jax_train.make_mesh(jax.devices()[:1])
+    reader = jax_checkpoint.Checkpointer(workdir, mc, 2, read_only=True)
+    state = reader.restore(6, source, jax_train.abstract_train_state(mc, opt, (8, 8, 1), mesh), opt)
+    reader.close()
+    eval_config, _ = run.eval_bound(mc, eval_timesteps)
+    return jax_train.evaluate(jax_train.make_eval_fn(eval_config, mesh), state.ema_params,
+                              data_lib.load_dataset(config.data), 100, 0, mesh, rng, noise_samples)
+
+
+def torch_evaluate(workdir, config, noise_fn, eval_timesteps: int = -1, noise_samples: int = 1) -> dict:
+    """This trainer's evaluate of the EMA params of the latest checkpoint of a workdir (either backend's)."""
+    mc = config_lib.model_config(config)
+    reader = checkpoint.Checkpointer(workdir, mc, 2, read_only=True)
+    state = reader.restore(*reader.latest(), config.optimizer, fresh_optimizer=True)
+    model, _ = train.with_bound(state.ema, eval_timesteps)
+    return train.evaluate(model, data_lib.load_dataset(config.data), 100, 0, torch.device("cpu"),
+                          config.training.seed, noise_samples=noise_samples, noise_fn=noise_fn)
+
+
+def assert_within_standard_error(a: dict, b: dict):
+    """Two evaluations of the same params with independent noise draws: their difference has the standard
+    error sqrt(s_a^2 + s_b^2), so it exceeds one standard error of either about half of the time by chance;
+    allow 3 (a 0.3% chance for a fixed pair of draws; here, 6 steps from init, the per-image bpd has a
+    standard deviation near 7 and the two backends' draws differ by about one combined standard error)."""
+    combined = (a["bpd_stderr"] ** 2 + b["bpd_stderr"] ** 2) ** 0.5
+    assert 0 < combined < 0.1 * a["bpd"]
+    assert abs(a["bpd"] - b["bpd"]) < 3 * combined, (a["bpd"], b["bpd"], combined)
+
+
+def assert_same_eval(a: dict, b: dict, rel=2e-6):
+    """Two evaluations with the same params and noise: float32 per-example values, float64 means."""
+    assert a["num_examples"] == b["num_examples"] == 297
+    for name in ("bpd", "bpd_recon", "bpd_latent", "bpd_diff", "bpd_stderr"):
+        assert a[name] == pytest.approx(b[name], rel=rel, abs=1e-7), name
+
+
+@pytest.mark.slow
+def test_torch_eval_and_sample_of_a_jax_workdir(jax_run):
+    import jax
+    workdir, config = jax_run
+    jax_eval = records(workdir, "eval")[-1]
+    result = train.main(None, str(workdir), "eval", device="cpu")
+    assert result["step"] == 6 and result["checkpoint"] == "neutral" and result["num_examples"] == 297
+    # Different noise draws (torch's generator, not JAX's keys): the same bpd within the standard error.
+    assert_within_standard_error(result, jax_eval)
+    assert result["baseline_bpd"] == pytest.approx(2.4131, abs=1e-4)
+    # The same noise injected: the same numbers, to float32 rounding.
+    rng = jax.random.key(123)
+    assert_same_eval(torch_evaluate(workdir, config, jax_eval_noise(rng, config_lib.model_config(config))),
+                     jax_evaluate(workdir, config, "orbax", rng))
+    sample = train.main(None, str(workdir), "sample", {"training.num_samples": 9}, device="cpu")
+    assert sample["path"].endswith("samples/step_6_n9_T3.png") and Path(sample["path"]).is_file()
+
+
+@pytest.mark.slow
+def test_jax_eval_of_a_torch_workdir(cli_run):
+    jax = pytest.importorskip("jax")
+    from vdm_jax import train as jax_train
+    workdir, _ = cli_run
+    config = tiny_config()
+    torch_eval = records(workdir, "eval")[-1]
+    result = jax_train.main(None, str(workdir), "eval", devices=jax.devices()[:1])
+    assert result["step"] == 6 and result["checkpoint"] == "neutral" and result["num_examples"] == 297
+    assert_within_standard_error(result, torch_eval)
+    # The same noise injected, 2 draws per image, the discrete-time bound with T = 10: the same numbers.
+    rng = jax.random.key(7)
+    mc = run.eval_bound(config_lib.model_config(config), 10)[0]
+    assert_same_eval(torch_evaluate(workdir, config, jax_eval_noise(rng, mc), 10, 2),
+                     jax_evaluate(workdir, config, "neutral", rng, 10, 2))
+
+
+@pytest.mark.slow
+def test_torch_continues_a_jax_run_from_its_neutral_export(jax_run, tmp_path):
+    import shutil
+    source, config = jax_run
+    workdir = tmp_path / "run"
+    shutil.copytree(source, workdir)
+    summary = train.main(tiny_config("training.steps_per_sample=0", "training.num_steps_train=8"), str(workdir),
+                         device="cpu")
+    assert summary["step"] == 8
+    exported = neutral.load_neutral(run.neutral_path(str(workdir), 8))
+    assert exported.opt_count == 8 and exported.extra["backend"] == "torch"
+    assert [r["step"] for r in records(workdir, "train")] == [2, 4, 6, 8]
+    # What it resumed from: the JAX state of step 6, Adam moments and count included, bit for bit.
+    jax_six = neutral.load_neutral(run.neutral_path(str(source), 6))
+    reader = checkpoint.Checkpointer(source, config_lib.model_config(config), 2, read_only=True)
+    assert reader.latest() == (6, "neutral")
+    resumed = checkpoint.convert.state_to_neutral(reader.restore(6, "neutral", config.optimizer))
+    assert resumed.step == resumed.opt_count == 6
+    for name in ("params", "ema_params", "opt_mu", "opt_nu"):
+        assert neutral.same_tensors(getattr(resumed, name), getattr(jax_six, name)) == [], name
+
+
+@pytest.mark.slow
+def test_speed_options_train_the_same_model(tmp_path):
+    """torch.compile (of the score UNet), channels_last and fused AdamW change how the steps run, not what
+    they compute; nothing saved carries a `_orig_mod.` prefix."""
+    config = tiny_config("training.num_steps_train=2", "training.substeps=1", "training.steps_per_save=2",
+                         "training.steps_per_eval=2", "training.num_eval_batches=1", "training.steps_per_sample=0",
+                         "optimizer.num_steps_lr_warmup=0")
+    train.main(config, str(tmp_path / "plain"), device="cpu", fused=False)
+    fast = train.main(config, str(tmp_path / "fast"), device="cpu", fused=True, compile=True, channels_last=True)
+    assert fast["state"].model.score_model.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = (neutral.load_neutral(run.neutral_path(str(tmp_path / name), 2)) for name in ("plain", "fast"))
+    assert_neutral_close(a, b)
+    saved = load_pt(checkpoint.Checkpointer(tmp_path / "fast", a.model_config, 3).path(2))
+    for part in ("model", "ema"):
+        assert not any("_orig_mod" in k or k.startswith("module.") for k in saved[part]), part
+    assert records(tmp_path / "fast", "eval")[0]["bpd"] == pytest.approx(records(tmp_path / "plain", "eval")[0]["bpd"],
+                                                                       rel=1e-5)
