@@ -307,3 +307,15 @@ def test_image_grid_rgb_without_upscaling_and_save(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["step_1.png"]
     with pytest.raises(ValueError, match=r"values in \[0, 16\)"):
         images.image_grid(np.full((1, 2, 2, 1), 16), vocab_size=16)
+
+
+def test_workdir_of_an_earlier_version_reads_with_new_fields_defaulted(tmp_path):
+    """A config.json written before a field joined the schema gets that field's default on read and resume."""
+    config = small_config()
+    workdir.prepare_workdir(tmp_path, config, "jax")
+    stored = json.loads((tmp_path / "config.json").read_text())
+    del stored["training"]["eval_noise_samples"], stored["model"]["variance_minimisation"]
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    assert workdir.read_config(tmp_path).training.eval_noise_samples == 1
+    assert workdir.read_config(tmp_path).model.variance_minimisation is False
+    workdir.prepare_workdir(tmp_path, config, "jax")            # resuming with today's config is accepted

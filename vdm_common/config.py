@@ -269,6 +269,18 @@ def default_training() -> dict:
     )
 
 
+def with_defaults(tree: dict) -> dict:
+    """A stored config (nested dict) with the fields added to the schema since it was written set to their
+    defaults, so run directories of earlier versions keep working. Unknown fields are kept (and refused by
+    validation)."""
+    base = dict(default_training(), model=ModelConfig().to_dict())
+    out = {name: dict(values) for name, values in tree.items()}
+    for section, defaults in base.items():
+        if isinstance(out.get(section), dict):
+            out[section] = {**defaults, **out[section]}
+    return out
+
+
 def make_config(model: dict, **sections: dict) -> ml_collections.ConfigDict:
     """A full config: ModelConfig defaults updated by `model`, the shared defaults by `sections`."""
     base = default_training()

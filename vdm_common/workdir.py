@@ -192,7 +192,7 @@ def prepare_workdir(workdir: str | os.PathLike, config: ml_collections.ConfigDic
         raise WorkdirError(f"--workdir {paths.root} exists and is not a directory; pass a directory path")
     new = _config_tree(config)
     if paths.config.exists():
-        diff = diff_configs(_read_json(paths.config), new)
+        diff = diff_configs(_config_tree(config_lib.with_defaults(_read_json(paths.config))), new)
         if diff:
             raise WorkdirError(
                 f"workdir {paths.root} holds a run with a different config ({len(diff)} field(s) differ):\n  "
@@ -217,7 +217,7 @@ def read_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
     if not paths.config.is_file():
         raise WorkdirError(f"{paths.root} has no {CONFIG_FILE}: it is not the workdir of a training run. "
                            f"Pass the --workdir a training run wrote, or train first (--mode=train).")
-    return config_lib.validate(ml_collections.ConfigDict(_read_json(paths.config)))
+    return config_lib.validate(ml_collections.ConfigDict(config_lib.with_defaults(_read_json(paths.config))))
 
 
 def read_run_info(workdir: str | os.PathLike) -> dict:
