@@ -60,21 +60,30 @@ def check_divisible(batch_size: int, num_devices: int, field: str) -> None:
                        f"of {num_devices} (nearest: {nearest}).")
 
 
+def entry_config(mode: str, workdir: str, config: ml_collections.ConfigDict, config_given: bool):
+    """The config an entry script passes on: None where the workdir's stored config is to be used (plot
+    mode, or --workdir of an existing run without an explicit --config), else the --config file's."""
+    if mode == "plot" or (not config_given and workdir_lib.layout(workdir).config.is_file()):
+        return None
+    return config
+
+
 def mode_config(mode: str, workdir: str, config: ml_collections.ConfigDict | None,
                 overrides: Mapping[str, Any] | None = None) -> ml_collections.ConfigDict:
     """The config a mode runs with.
 
-    train: `config` itself (prepare_workdir then checks it against the workdir's stored config).
+    train: `config` itself (prepare_workdir then checks it against the workdir's stored config); with no
+    config, the one stored in the workdir (continuing a run, e.g. one imported by convert.py).
     eval / sample: the config stored in the workdir (the model that was trained there, whichever backend
     trained it), with the command line's `overrides` ({'training.num_samples': 16}) applied; only fields
     that may differ on resume (workdir.RESUMABLE_FIELDS: eval batch size, sample count and steps, data paths)
     can be overridden, others raise RunError.
     """
     check_mode(mode)
-    if mode == "train":
-        if config is None:
-            raise RunError("--mode=train needs a config (--config=configs/...)")
+    if mode == "train" and config is not None:
         return config_lib.validate(config)
+    if mode == "train" and not workdir_lib.layout(workdir).config.is_file():
+        raise RunError("--mode=train needs a config (--config=configs/...) or a --workdir holding a run")
     stored = workdir_lib.read_config(workdir)
     refused = sorted(k for k in (overrides or {}) if k not in workdir_lib.RESUMABLE_FIELDS)
     if refused:

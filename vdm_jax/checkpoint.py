@@ -132,11 +132,13 @@ class Checkpointer:
                 self._manager = None
 
     # ---------------------------------------------------------------------------------------- restore
-    def restore(self, step: int, source: str, abstract_state: TrainState, opt_config) -> TrainState:
+    def restore(self, step: int, source: str, abstract_state: TrainState, opt_config,
+                fresh_optimizer: bool = False) -> TrainState:
         """The TrainState of `step`, placed as `abstract_state`'s leaves say (their `.sharding`).
 
         source 'orbax' reads the orbax step; 'neutral' reads the neutral export (e.g. written by the torch
-        trainer) and places it likewise. Raises CheckpointError naming the files; nothing is deleted.
+        trainer) and places it likewise. fresh_optimizer: accept a neutral file without optimizer state (eval
+        and sample need only the EMA). Raises CheckpointError naming the files; nothing is deleted.
         """
         if source == "orbax":
             try:
@@ -153,7 +155,12 @@ class Checkpointer:
             raise CheckpointError(f"cannot restore step {step} from {path}: {e}") from e
         if ckpt.model_config != self.model_config:
             raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
-        state = to_host(convert.state_from_neutral(ckpt, opt_config))      # numpy: the same on every process
+        try:
+            state = convert.state_from_neutral(ckpt, opt_config,
+                                               fresh_optimizer=fresh_optimizer and not ckpt.has_optimizer)
+        except convert.ConversionError as e:
+            raise CheckpointError(f"cannot restore step {step} from {path}: {e}") from e
+        state = to_host(state)                                              # numpy: the same on every process
         return jax.tree_util.tree_map(
             lambda value, target: jax.make_array_from_callback(target.shape, target.sharding, lambda i: value[i]),
             state, abstract_state)

@@ -426,10 +426,10 @@ def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, 
         if latest is None:
             raise run.RunError(f"{workdir_lib.layout(workdir).checkpoints} holds no checkpoint; train first "
                                f"(--mode=train --workdir={workdir})")
-        state = ckpt.restore(*latest, r.abstract_state(), config.optimizer)
+        state = ckpt.restore(*latest, r.abstract_state(), config.optimizer, fresh_optimizer=True)
     finally:
         ckpt.close()
-    step = int(to_host(state.step))
+    step = latest[0]                 # the checkpoint's step (a state without optimizer restarts its count)
     if mode == "sample":
         path = r.sample_grid(workdir, state.ema_params, step)
         _say(f"wrote {config.training.num_samples} samples ({config.training.sample_steps} steps) of step {step}: "

@@ -567,7 +567,7 @@ def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, 
     state = ckpt.restore(*latest, config.optimizer, r.device, fresh_optimizer=True)
     if channels_last:
         to_channels_last(state)
-    step = state.step
+    step = latest[0]                 # the checkpoint's step (a state without optimizer restarts its count)
     if mode == "sample":
         path = r.sample_grid(workdir, state.ema, step)
         _say(f"wrote {config.training.num_samples} samples ({config.training.sample_steps} steps) of step {step}: "
