@@ -26,7 +26,7 @@ import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
 
 import ml_collections
 
@@ -95,8 +95,8 @@ def layout(workdir: str | os.PathLike) -> Layout:
                   *(root / d for d in SUBDIRS))
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to `path` so that readers see the old file or the new one, never a partial one.
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Calls `write(file)` so that readers of `path` see the old file or the new one, never a partial one.
 
     Temp file in the same directory (so os.replace is a rename on one file system), fsync, os.replace,
     then fsync the directory so the rename itself survives a crash. The directory must exist. The file
@@ -106,7 +106,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fchmod(f.fileno(), 0o644)
             os.fsync(f.fileno())
@@ -120,6 +120,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Writes `data` to `path` atomically (see atomic_write)."""
+    atomic_write(path, lambda f: f.write(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -25,10 +25,8 @@ one written by N processes restores in M.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +35,7 @@ import torch
 
 from vdm_common import neutral, run
 from vdm_common.config import ConfigError, ModelConfig
+from vdm_common.workdir import atomic_write
 from vdm_common.weights import ConversionError
 from vdm_torch import convert
 from vdm_torch.steps import TrainState, make_optimizer
@@ -52,30 +51,12 @@ class CheckpointError(RuntimeError):
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
-    """`torch.save(obj)` to `path` so that readers see the old file or the new one, never a partial one.
-
-    Temporary file in the same directory, flush, fsync, os.replace, then fsync the directory (the rename
-    itself survives a crash). Written straight to the file, without a second copy in memory.
-    """
+    """`torch.save(obj)` to `path` so that readers see the old file or the new one, never a partial one
+    (vdm_common.workdir.atomic_write: temp file, fsync, rename, fsync of the directory), written straight to
+    the file without a second copy in memory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(obj, f))
     return path
 
 
