@@ -6,6 +6,7 @@ model must satisfy; float64 runs inside `jax.enable_x64(True)` so the flag does 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -16,7 +17,7 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from vdm_common import checks  # noqa: E402
-from vdm_common.config import GAMMA_TYPES, load_config, model_config  # noqa: E402
+from vdm_common.config import GAMMA_TYPES, ModelConfig, load_config, model_config  # noqa: E402
 from vdm_jax import schedules, unet, vdm  # noqa: E402
 from vdm_jax.unet import ScoreUNet  # noqa: E402
 from vdm_jax.vdm import VDM, Noise  # noqa: E402
@@ -547,3 +548,44 @@ def test_bad_conditioning_shape_under_jit(cfg, params, shape):
     with pytest.raises(checks.InputError, match=r"conditioning must have shape \(4,\)"):
         loss_fn(cfg)(params, x, jnp.zeros(shape), vdm.draw_noise(jax.random.PRNGKey(0), x.shape, cfg),
                      jax.random.PRNGKey(0))
+
+
+def test_variance_minimisation_gives_the_shape_network_the_gradient_of_the_mean_squared_loss():
+    """With variance minimisation the shape network f of the schedule gets d/d eta mean_i(L_i^2) (L_i the
+    per-example diffusion loss in bits/dim), computed here the slow way by autodiff of that mean; the UNet
+    and the endpoints get exactly the VLB's gradient (the same as with the switch off)."""
+    from vdm_common.types import nats_to_bpd_scale
+    from vdm_common.weights import flatten_tree, unflatten_tree
+    with jax.enable_x64(True):
+        plain = ModelConfig.from_config(dict(sm_n_embd=16, sm_n_layer=1, norm_groups=4, sm_pdrop=0.0,
+                                             gamma_type="learnable_nnet_endpoints", compute_dtype="float64"))
+        varmin = dataclasses.replace(plain, variance_minimisation=True)
+        rs = np.random.RandomState(0)
+        flat = flatten_tree(jax.device_get(vdm.init_params(plain, jax.random.PRNGKey(0), (8, 8, 3))["params"]))
+        params = unflatten_tree({k: v + 0.05 * rs.standard_normal(v.shape) for k, v in flat.items()})
+        images = jnp.asarray(rs.randint(0, 256, (6, 8, 8, 3)))
+        cond = jnp.zeros(6)
+        noise = vdm.draw_noise(jax.random.PRNGKey(1), images.shape, plain)
+
+        def bpd(p, config):
+            terms = VDM(config).apply({"params": p}, images, cond, noise)
+            return vdm.bits_per_dim(terms, images.shape[1:])["bpd"]
+
+        def mean_squared(p):
+            diff = VDM(plain).apply({"params": p}, images, cond, noise).diff * nats_to_bpd_scale(images.shape[1:])
+            return jnp.mean(diff ** 2)
+
+        assert bpd(params, plain) == pytest.approx(float(bpd(params, varmin)), rel=1e-14)
+        g_vlb, g_vm, g_slow = (flatten_tree(jax.device_get(g)) for g in (
+            jax.grad(bpd)(params, plain), jax.grad(bpd)(params, varmin), jax.grad(mean_squared)(params)))
+        # f's gradients against the largest of them: l1's is a near-cancelling residue (its bias cancels in
+        # the normalised shape exactly), so a per-tensor relative error would measure rounding.
+        scale = max(np.abs(g_slow[k]).max() for k in g_slow if k.startswith("gamma/f/"))
+        for key in g_vlb:
+            if key.startswith("gamma/f/"):
+                np.testing.assert_allclose(g_vm[key], g_slow[key], rtol=0, atol=1e-9 * scale, err_msg=key)
+            else:
+                np.testing.assert_allclose(g_vm[key], g_vlb[key], rtol=1e-12, atol=1e-15, err_msg=key)
+        # The two gradients of f differ (so the test above can tell them apart).
+        assert np.abs(g_vm["gamma/f/l2/kernel"] - g_vlb["gamma/f/l2/kernel"]).max() > \
+            0.1 * np.abs(g_vlb["gamma/f/l2/kernel"]).max()
