@@ -51,7 +51,8 @@ def main(argv):
     try:
         if _MULTIHOST.value or _COORDINATOR.value:
             train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-        config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0)
+        config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0,
+                                  overrides)
         train.main(config, workdir, _MODE.value, overrides)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)

@@ -66,7 +66,8 @@ def main(argv):
     try:
         if _MULTIHOST.value or _COORDINATOR.value or train.torchrun_environment():
             train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DEVICE.value)
-        config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0)
+        config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0,
+                                  overrides)
         train.main(config, workdir, _MODE.value, overrides, device=_DEVICE.value, compile=_COMPILE.value,
                    channels_last=_CHANNELS_LAST.value, fused=None if _FUSED.value else False)
     except user_errors as e:

@@ -60,10 +60,13 @@ def check_divisible(batch_size: int, num_devices: int, field: str) -> None:
                        f"of {num_devices} (nearest: {nearest}).")
 
 
-def entry_config(mode: str, workdir: str, config: ml_collections.ConfigDict, config_given: bool):
+def entry_config(mode: str, workdir: str, config: ml_collections.ConfigDict, config_given: bool,
+                 overrides: Mapping[str, Any] | None = None):
     """The config an entry script passes on: None where the workdir's stored config is to be used (plot
-    mode, or --workdir of an existing run without an explicit --config), else the --config file's."""
-    if mode == "plot" or (not config_given and workdir_lib.layout(workdir).config.is_file()):
+    mode, or --workdir of an existing run with neither --config nor overrides beyond those a resume may
+    change), else the --config file's (with its overrides)."""
+    resumable = all(k in workdir_lib.RESUMABLE_FIELDS for k in (overrides or {}))
+    if mode == "plot" or (not config_given and resumable and workdir_lib.layout(workdir).config.is_file()):
         return None
     return config
 
