@@ -532,7 +532,7 @@ def _train_loop(r: _Run, workdir: str, state: steps.TrainState, ckpt: Checkpoint
         if crossed(t.steps_per_eval, before, step) or final:
             result = evaluate(state.ema, ds, t.batch_size_eval, t.num_eval_batches, device, t.seed, r.channels_last)
             writer.write(step, "eval", **{k: v for k, v in result.items() if k != "num_examples"})
-            last_eval = dict(result, step=step)
+            last_eval = dict(result, step=step, bound=run.eval_bound(mc, -1)[1])
             _say(f"step {step}: eval bpd {result['bpd']:.4f} +- {result['bpd_stderr']:.4f} "
                  f"({result['num_examples']} test images, EMA params)")
         if crossed(t.steps_per_sample, before, step) or (final and t.steps_per_sample > 0):
