@@ -187,6 +187,16 @@ def neutral_steps(workdir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, (p.name for p in folder.iterdir())) if m)
 
 
+def latest_checkpoint(workdir: str, native_steps: list[int], native: str) -> tuple[int, str] | None:
+    """(step, native | 'neutral') of the newest checkpoint of a run, or None. A neutral export newer than
+    every native step comes from the other backend continuing the run: then it is the one to resume from."""
+    neutral = neutral_steps(workdir)
+    best = (native_steps[-1], native) if native_steps else None
+    if neutral and (best is None or neutral[-1] > best[0]):
+        best = (neutral[-1], "neutral")
+    return best
+
+
 def prune_neutral(workdir: str, keep: int) -> list[Path]:
     """Removes all but the `keep` newest neutral exports (the native checkpoints keep the same number)."""
     removed = []

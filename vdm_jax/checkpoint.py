@@ -76,15 +76,8 @@ class Checkpointer:
         return sorted(self._manager.all_steps()) if self._manager is not None else []
 
     def latest(self) -> tuple[int, str] | None:
-        """(step, 'orbax' | 'neutral') of the newest checkpoint, or None. A neutral export newer than every
-        orbax step comes from the other backend continuing this run: then it is the one to resume from."""
-        orbax_steps, neutral_steps = self.orbax_steps(), run.neutral_steps(self.workdir)
-        best = None
-        if orbax_steps:
-            best = (orbax_steps[-1], "orbax")
-        if neutral_steps and (best is None or neutral_steps[-1] > best[0]):
-            best = (neutral_steps[-1], "neutral")
-        return best
+        """(step, 'orbax' | 'neutral') of the newest checkpoint, or None (see run.latest_checkpoint)."""
+        return run.latest_checkpoint(self.workdir, self.orbax_steps(), "orbax")
 
     # ------------------------------------------------------------------------------------------- save
     def save(self, step: int, state: TrainState) -> None:

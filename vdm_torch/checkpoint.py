@@ -105,16 +105,8 @@ class Checkpointer:
                       if m)
 
     def latest(self) -> tuple[int, str] | None:
-        """(step, 'torch' | 'neutral') of the newest checkpoint, or None. A neutral export newer than every
-        torch file comes from the other backend (a JAX run, or the JAX trainer continuing this one): then it
-        is the one to resume from."""
-        torch_steps, neutral_steps = self.torch_steps(), run.neutral_steps(self.workdir)
-        best = None
-        if torch_steps:
-            best = (torch_steps[-1], "torch")
-        if neutral_steps and (best is None or neutral_steps[-1] > best[0]):
-            best = (neutral_steps[-1], "neutral")
-        return best
+        """(step, 'torch' | 'neutral') of the newest checkpoint, or None (see run.latest_checkpoint)."""
+        return run.latest_checkpoint(self.workdir, self.torch_steps(), "torch")
 
     # -------------------------------------------------------------------------------------------- save
     def save(self, step: int, state: TrainState, rng: dict[str, Any] | None = None) -> Path:
