@@ -21,6 +21,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vdm_common import config as config_lib
+from vdm_common import interrupts
 from vdm_common import run
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -32,6 +33,10 @@ _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initial
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host runs).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Write a profiler trace of --profile_steps training steps (after the "
+                                               "first call, which compiles) into <workdir>/profile/.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 20, "Steps the --profile trace covers (whole calls of "
+                                                           "training.substeps steps).")
 
 
 def main(argv):
@@ -53,11 +58,12 @@ def main(argv):
             train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
         config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0,
                                   overrides)
-        train.main(config, workdir, _MODE.value, overrides)
+        summary = train.main(config, workdir, _MODE.value, overrides,
+                             profile_steps=_PROFILE_STEPS.value if _PROFILE.value else 0)
     except user_errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    return 0
+    return interrupts.exit_status(summary.get("interrupted"))
 
 
 if __name__ == "__main__":

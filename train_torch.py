@@ -28,6 +28,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from vdm_common import config as config_lib
+from vdm_common import interrupts
 from vdm_common import run
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -47,6 +48,10 @@ _DEVICE = flags.DEFINE_string("device", None, "cpu, cuda or cuda:N; default cuda
 _COMPILE = flags.DEFINE_bool("compile", False, "torch.compile the training forward pass.")
 _CHANNELS_LAST = flags.DEFINE_bool("channels_last", False, "channels_last memory format for the model and batches.")
 _FUSED = flags.DEFINE_bool("fused_adamw", True, "Fused AdamW where torch has it (CPU and CUDA).")
+_PROFILE = flags.DEFINE_bool("profile", False, "Write a profiler trace of --profile_steps training steps (after the "
+                                               "first call, which compiles) into <workdir>/profile/.")
+_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 20, "Steps the --profile trace covers (whole calls of "
+                                                           "training.substeps steps).")
 
 
 def main(argv):
@@ -68,15 +73,16 @@ def main(argv):
             train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DEVICE.value)
         config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0,
                                   overrides)
-        train.main(config, workdir, _MODE.value, overrides, device=_DEVICE.value, compile=_COMPILE.value,
-                   channels_last=_CHANNELS_LAST.value, fused=None if _FUSED.value else False)
+        summary = train.main(config, workdir, _MODE.value, overrides, device=_DEVICE.value, compile=_COMPILE.value,
+                             channels_last=_CHANNELS_LAST.value, fused=None if _FUSED.value else False,
+                             profile_steps=_PROFILE_STEPS.value if _PROFILE.value else 0)
     except user_errors as e:
         index, count = train.process_index(), train.process_count()
         print(f"error (process {index} of {count}): {e}" if index else f"error: {e}", file=sys.stderr)
         return 1
     finally:
         train.shutdown_distributed()
-    return 0
+    return interrupts.exit_status(summary.get("interrupted"))
 
 
 if __name__ == "__main__":

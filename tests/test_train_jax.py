@@ -223,7 +223,7 @@ def test_quickstart_cli_end_to_end(cli_run_4dev):
     assert [r["step"] for r in train_rows] == [2, 4, 6] and [r["step"] for r in eval_rows] == [6]
     for row in train_rows:
         assert set(row) == {"step", "split", "bpd", "bpd_recon", "bpd_latent", "bpd_diff", "learning_rate",
-                            "grad_norm", "steps_per_sec"}
+                            "grad_norm", "steps_per_sec", "skipped"}
         assert row["bpd"] == pytest.approx(row["bpd_recon"] + row["bpd_latent"] + row["bpd_diff"], rel=1e-5)
         assert 1.0 < row["bpd"] < 20.0 and row["grad_norm"] > 0 and row["steps_per_sec"] > 0
     # LR warmup over 2 steps from 0: steps 0, 1 -> 0, 1e-3 (mean 5e-4); then 2e-3.

@@ -56,7 +56,7 @@ DDP_RUN = TINY_MODEL + [
 RTOL, ATOL = 2e-5, 1e-7
 PARAMS_ATOL = 5e-4 * 2e-3
 TRAIN_FIELDS = {"step", "split", "bpd", "bpd_recon", "bpd_latent", "bpd_diff", "learning_rate", "grad_norm",
-                "steps_per_sec"}
+                "steps_per_sec", "skipped"}
 
 
 def tiny_config(*extra: str):
@@ -184,7 +184,7 @@ def test_checkpoints_are_atomic_keep_the_newest_and_restore_exactly(tmp_path, mo
     assert ckpt.torch_steps() == [2, 3] and run.neutral_steps(str(tmp_path)) == [2, 3]
     assert ckpt.latest() == (3, "torch")
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in saved[3]["model"])
-    assert set(saved[3]) == {"model", "ema", "optimizer", "step", "model_config", "rng"}
+    assert set(saved[3]) == {"model", "ema", "optimizer", "step", "model_config", "rng", "sha256"}
 
     restored = ckpt.restore(3, "torch", opt, fused=False)       # saved with fused AdamW, resumed without
     again = checkpoint.convert.state_to_checkpoint(restored)

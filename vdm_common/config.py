@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import math
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import ml_collections
 
@@ -67,9 +68,12 @@ class ModelConfig:
     @classmethod
     def from_config(cls, model: Any) -> "ModelConfig":
         """Builds the dataclass from a `config.model` ConfigDict or dict (unknown keys are an error)."""
+        if not isinstance(model, (Mapping, ml_collections.ConfigDict)):
+            raise ConfigError(f"config.model must be a mapping of model fields, got {type(model).__name__} "
+                              f"{model!r:.80}")
         values = dict(model.to_dict() if hasattr(model, "to_dict") else model)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
+        unknown = sorted(set(values) - names, key=str)
         if unknown:
             raise ConfigError(f"config.model has unknown fields {unknown}; known fields: {sorted(names)}")
         mc = cls(**values)
@@ -96,6 +100,11 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value: Any) -> bool:
+    """A finite int or float (not a bool): nan and inf would only surface later as a nan loss."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def validate_model(m: ModelConfig) -> None:
     """Raises ConfigError for the first field of the model config that the model cannot use."""
     for field in dataclasses.fields(m):
@@ -103,8 +112,7 @@ def validate_model(m: ModelConfig) -> None:
         if field.type == "bool":
             _require(isinstance(value, bool), f"model.{field.name}", value, "True or False")
         elif field.type == "float":
-            _require(isinstance(value, (int, float)) and not isinstance(value, bool), f"model.{field.name}",
-                     value, "a number")
+            _require(_is_number(value), f"model.{field.name}", value, "a finite number")
         elif field.type == "str":
             _require(isinstance(value, str), f"model.{field.name}", value, "a string")
     _require(_is_int(m.vocab_size) and m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "an integer >= 2")

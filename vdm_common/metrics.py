@@ -144,6 +144,34 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     return records
 
 
+class Window:
+    """The train metrics of the steps since the last log line (both trainers log them alike).
+
+    `add` takes the metrics of a call of n steps (means over its applied steps, and `skipped`: how many of
+    the n were skipped for a non-finite loss or gradient); `flush` returns the means over the window's
+    applied steps (NaN when none was applied), `skipped` summed, and steps/s over the time the calls took.
+    """
+
+    def __init__(self):
+        self.steps, self.applied, self.seconds, self.skipped = 0, 0.0, 0.0, 0.0
+        self.sums: dict[str, float] = {}
+
+    def add(self, values: dict[str, Any], n: int, seconds: float) -> None:
+        skipped = float(values.get("skipped", 0.0))
+        applied = n - skipped
+        self.steps, self.applied, self.seconds, self.skipped = (
+            self.steps + n, self.applied + applied, self.seconds + seconds, self.skipped + skipped)
+        for name, value in values.items():
+            if name != "skipped" and applied:
+                self.sums[name] = self.sums.get(name, 0.0) + float(value) * applied
+
+    def flush(self) -> dict[str, float]:
+        means = {name: s / self.applied if self.applied else math.nan for name, s in self.sums.items()}
+        out = dict(means, skipped=self.skipped, steps_per_sec=self.steps / max(self.seconds, 1e-9))
+        self.__init__()
+        return out
+
+
 class ProgressBar:
     """A tqdm bar over training steps showing bpd, steps/s and the ETA; a no-op when not `enabled`."""
 

@@ -31,6 +31,7 @@ from typing import Mapping, Optional
 import numpy as np
 import safetensors.numpy
 
+from vdm_common import integrity
 from vdm_common.config import ConfigError, ModelConfig
 from vdm_common.weights import ConversionError, check_tensors
 from vdm_common.workdir import atomic_write_bytes
@@ -118,9 +119,16 @@ def save_neutral(path: str | os.PathLike, ckpt: NeutralCheckpoint) -> Path:
     }
     if ckpt.opt_count is not None:
         metadata["opt_count"] = str(int(ckpt.opt_count))
+    metadata["sha256"] = _digest(tensors, metadata)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, safetensors.numpy.save(tensors, metadata=metadata))
     return path
+
+
+def _digest(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str]) -> str:
+    """The checksum stored in the metadata: over the tensors and every other metadata entry."""
+    entries = [(f"__metadata__/{k}", v) for k, v in metadata.items() if k != "sha256"]
+    return integrity.digest_arrays(list(tensors.items()) + entries)
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -140,11 +148,13 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             from None
     except IsADirectoryError:
         raise NeutralFileError(f"{path} is a directory; pass the path of a neutral .safetensors file") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, or nesting too deep
         raise NeutralFileError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):
         raise NeutralFileError(f"{path} is not a safetensors file (its header is not a JSON object)")
     metadata = header.get("__metadata__") or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise NeutralFileError(f"{path} is not a safetensors file (its __metadata__ is not a mapping of strings)")
     return dict(metadata)
 
 
@@ -171,19 +181,24 @@ def load_neutral(path: str | os.PathLike) -> NeutralCheckpoint:
         raise NeutralFileError(f"{path}: the metadata has no model_config")
     try:
         model_config = ModelConfig.from_json(metadata["model_config"])
-    except (ConfigError, json.JSONDecodeError, TypeError) as e:
+    except (ConfigError, ValueError, TypeError, RecursionError) as e:
         raise NeutralFileError(f"{path}: invalid model_config in the metadata: {e}") from None
     try:
         step = int(metadata.get("step", "0"))
         opt_count = int(metadata["opt_count"]) if "opt_count" in metadata else None
         extra = json.loads(metadata.get("extra", "{}"))
-    except (ValueError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:
         raise NeutralFileError(f"{path}: invalid step / opt_count / extra in the metadata: {e}") from None
+    if not isinstance(extra, dict):
+        raise NeutralFileError(f"{path}: the metadata's extra is not a JSON object: {extra!r:.80}")
     try:
         tensors = safetensors.numpy.load(path.read_bytes())
     except safetensors.SafetensorError as e:
         raise NeutralFileError(f"{path}: cannot read its tensors ({e}); the file is damaged or truncated") \
             from None
+    if "sha256" in metadata and _digest(tensors, metadata) != metadata["sha256"]:
+        raise NeutralFileError(f"{path} does not match its checksum: the file is damaged (its bytes changed after "
+                               f"it was written)")
     sets: dict[str, Flat] = {}
     unknown = []
     for key, value in tensors.items():

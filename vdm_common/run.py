@@ -5,6 +5,7 @@ wrote it. Files a run writes beside `vdm_common.workdir`'s layout:
 
     checkpoints/neutral/step_<N>.safetensors   the neutral export of the state at step N (vdm_common.neutral):
                                                params, EMA, AdamW moments; readable without either framework
+    checkpoints/damaged/                       checkpoints that failed to restore, moved aside (`restore_newest`)
     eval/step_<N>.json                         an evaluation of the EMA params of step N (`eval_statistics`)
     samples/step_<N>_n<num>_T<steps>.png       a grid of <num> samples drawn in <steps> ancestral steps
     plots/bpd.png                              train and eval bpd against step (`plot`)
@@ -16,11 +17,12 @@ training.num_samples samples in training.sample_steps steps), plot (bpd curves f
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import ml_collections
 import numpy as np
@@ -31,9 +33,18 @@ from vdm_common import workdir as workdir_lib
 
 MODES = ("train", "eval", "sample", "plot")
 NEUTRAL_DIR = "neutral"            # under <workdir>/checkpoints/
+DAMAGED_DIR = "damaged"            # under <workdir>/checkpoints/: checkpoints that failed to restore
 PLOT_FILE = "bpd.png"              # under <workdir>/plots/
 EVAL_TERMS = ("bpd", "bpd_recon", "bpd_latent", "bpd_diff")
 _STEP_FILE = re.compile(r"^step_(\d+)\.safetensors$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
+
+
+class DamagedCheckpointError(CheckpointError):
+    """A checkpoint's files cannot be read back as written (damaged, truncated, checksum mismatch)."""
 
 
 class RunError(ValueError):
@@ -187,14 +198,78 @@ def neutral_steps(workdir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, (p.name for p in folder.iterdir())) if m)
 
 
+def checkpoint_candidates(workdir: str, native_steps: list[int], native: str) -> list[tuple[int, str]]:
+    """Every checkpoint of a run as (step, native | 'neutral'), newest first; at one step the native one
+    comes first, its neutral export second (a neutral export newer than every native step comes from the
+    other backend continuing the run: then it is the one to resume from)."""
+    neutral, own = set(neutral_steps(workdir)), set(native_steps)
+    return [(step, source) for step in sorted(own | neutral, reverse=True)
+            for source, steps in ((native, own), ("neutral", neutral)) if step in steps]
+
+
 def latest_checkpoint(workdir: str, native_steps: list[int], native: str) -> tuple[int, str] | None:
-    """(step, native | 'neutral') of the newest checkpoint of a run, or None. A neutral export newer than
-    every native step comes from the other backend continuing the run: then it is the one to resume from."""
-    neutral = neutral_steps(workdir)
-    best = (native_steps[-1], native) if native_steps else None
-    if neutral and (best is None or neutral[-1] > best[0]):
-        best = (neutral[-1], "neutral")
-    return best
+    """(step, native | 'neutral') of the newest checkpoint of a run, or None."""
+    candidates = checkpoint_candidates(workdir, native_steps, native)
+    return candidates[0] if candidates else None
+
+
+def restore_newest(candidates: list[tuple[int, str]], restore: Callable[[int, str], Any],
+                   paths: Callable[[int, str], Path], move_damaged: bool, say: Callable[[str], None]):
+    """Restores the newest checkpoint that is intact: returns (state, (step, source)), or None when there is
+    no checkpoint at all.
+
+    restore(step, source) raises DamagedCheckpointError for a checkpoint that cannot be read (damaged,
+    truncated, checksum mismatch); each one is reported by name and the next older one is tried. With
+    move_damaged (training), once one restored, the damaged newer ones are moved to
+    checkpoints/damaged/ (kept, not deleted) so that they are neither retried nor overwritten. When none
+    restores: DamagedCheckpointError listing each, and nothing is moved or deleted.
+    """
+    failures = []
+    for step, source in candidates:
+        try:
+            state = restore(step, source)
+        except DamagedCheckpointError as e:
+            failures.append((step, source, e))
+            say(f"warning: cannot restore checkpoint step {step} ({source}): {e}")
+            continue
+        if failures:
+            say(f"resuming from the newest intact checkpoint, step {step} ({source}), instead of step "
+                f"{failures[0][0]}")
+            if move_damaged:
+                for damaged_step, damaged_source, _ in failures:
+                    moved = _move_aside(paths(damaged_step, damaged_source))
+                    say(f"moved the damaged checkpoint to {moved}")
+        return state, (step, source)
+    if failures:
+        raise DamagedCheckpointError(
+            "no checkpoint of this run can be restored:\n  "
+            + "\n  ".join(f"step {step} ({source}): {e}" for step, source, e in failures)
+            + "\nNothing was deleted or moved. Restore the files from a backup, or move them away to start over.")
+    return None
+
+
+def _move_aside(path: Path) -> Path:
+    """Moves a file or directory under checkpoints/ into checkpoints/damaged/ (a new name if taken)."""
+    folder = path.parent.parent / DAMAGED_DIR
+    folder.mkdir(exist_ok=True)
+    target = folder / f"{path.parent.name}_{path.name}"
+    for n in itertools.count(1):
+        if not target.exists():
+            break
+        target = folder / f"{path.parent.name}_{path.name}.{n}"
+    path.rename(target)
+    return target
+
+
+def remove_partial_writes(workdir: str, say: Callable[[str], None]) -> list[Path]:
+    """Removes (and reports) the temporary files of atomic writes that a killed process left under
+    checkpoints/: never a complete checkpoint, those have their final names. Call with the workdir locked."""
+    found = [p for p in workdir_lib.layout(workdir).checkpoints.glob("*/.*.tmp") if p.is_file()]
+    for p in found:
+        p.unlink(missing_ok=True)
+    if found:
+        say(f"removed {len(found)} partial file(s) an interrupted save left: {[p.name for p in found]}")
+    return found
 
 
 def prune_neutral(workdir: str, keep: int) -> list[Path]:

@@ -9,6 +9,7 @@
       eval/            evaluation results
       tensorboard/     TensorBoard event files, one run per split (train/, eval/)
       plots/           PNG plots of metrics.jsonl
+      profile/         traces written by --profile
       .lock            held (flock) by the training run writing this workdir
 
 Nothing in an existing workdir is overwritten by a run with a different config: `prepare_workdir` compares
@@ -41,6 +42,7 @@ SAMPLES_DIR = "samples"
 EVAL_DIR = "eval"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
+PROFILE_DIR = "profile"            # made by --profile only
 SUBDIRS = (CHECKPOINTS_DIR, SAMPLES_DIR, EVAL_DIR, TENSORBOARD_DIR, PLOTS_DIR)
 BACKENDS = ("jax", "torch", "upstream:official", "upstream:pytorch-port")  # who created a run
 
@@ -60,6 +62,7 @@ RESUMABLE_FIELDS = frozenset({
     "training.num_eval_batches",
     "training.eval_timesteps",
     "training.eval_noise_samples",
+    "training.max_nonfinite_steps",
     "data.data_dir",
     "data.manual_dir",
 })
@@ -86,13 +89,14 @@ class Layout(NamedTuple):
     eval: Path
     tensorboard: Path
     plots: Path
+    profile: Path
 
 
 def layout(workdir: str | os.PathLike) -> Layout:
     """The paths of a workdir (nothing is created)."""
     root = Path(workdir).absolute()
     return Layout(root, root / CONFIG_FILE, root / RUN_FILE, root / METRICS_FILE, root / LOCK_FILE,
-                  *(root / d for d in SUBDIRS))
+                  *(root / d for d in SUBDIRS), root / PROFILE_DIR)
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

@@ -12,7 +12,9 @@ crash never leaves a half-written step that looks complete). An error of that ba
 lost: the next `save`, `wait` and `close` raise it as `CheckpointError`. The neutral export is written
 synchronously by process 0 (it is small: the parameters four times).
 
-Restoring takes an abstract TrainState whose leaves carry the target shardings (built with `jax.eval_shape`
+Each finished orbax step gets a manifest of its files' SHA-256 (vdm_common.integrity), the neutral export
+a checksum of its tensors; a checkpoint that fails it (or fails to load) is reported and the previous one
+restored (`restore_latest`). Restoring takes an abstract TrainState whose leaves carry the target shardings (built with `jax.eval_shape`
 for the current mesh), so a checkpoint written on 4 devices restores onto 1, or onto 8 hosts.
 """
 from __future__ import annotations
@@ -25,16 +27,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vdm_common import neutral, run
+from vdm_common import integrity, neutral, run
 from vdm_common.config import ModelConfig
+from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_jax import convert
 from vdm_jax.steps import TrainState
 
 ORBAX_DIR = "orbax"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
 
 
 def to_host(tree: Any) -> Any:
@@ -75,6 +74,10 @@ class Checkpointer:
     def orbax_steps(self) -> list[int]:
         return sorted(self._manager.all_steps()) if self._manager is not None else []
 
+    def step_dir(self, step: int) -> Path:
+        """checkpoints/orbax/<step>"""
+        return self.directory / str(step)
+
     def latest(self) -> tuple[int, str] | None:
         """(step, 'orbax' | 'neutral') of the newest checkpoint, or None (see run.latest_checkpoint)."""
         return run.latest_checkpoint(self.workdir, self.orbax_steps(), "orbax")
@@ -99,7 +102,12 @@ class Checkpointer:
         self._pending = step
         if jax.process_index() == 0:
             ckpt = convert.state_to_neutral(to_host(state), self.model_config, extra={"source": "vdm_jax.train"})
-            neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
+            try:
+                neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
+            except OSError as e:
+                raise CheckpointError(f"saving the neutral export of step {step} into {run.neutral_dir(self.workdir)} "
+                                      f"failed: {type(e).__name__}: {e}. Earlier checkpoints are intact; fix the "
+                                      f"cause (disk space, permissions) and resume.") from e
             run.prune_neutral(self.workdir, self.max_to_keep)
 
     def wait(self) -> None:
@@ -109,6 +117,8 @@ class Checkpointer:
         step, self._pending = self._pending, None
         try:
             self._manager.wait_until_finished()
+            if jax.process_index() == 0:
+                integrity.write_manifest(self.step_dir(step))
         except Exception as e:
             raise CheckpointError(
                 f"writing checkpoint step {step} into {self.directory} failed in the background: "
@@ -125,6 +135,20 @@ class Checkpointer:
                 self._manager = None
 
     # ---------------------------------------------------------------------------------------- restore
+    def restore_latest(self, abstract_state: TrainState, opt_config, fresh_optimizer: bool = False,
+                       say=print) -> tuple[TrainState, tuple[int, str]] | None:
+        """(state, (step, source)) of the newest intact checkpoint, or None when there is none: a damaged one
+        is reported and the previous one used (vdm_common.run.restore_newest; process 0 moves damaged ones to
+        checkpoints/damaged/ unless read_only). Arguments as `restore`."""
+        restored = run.restore_newest(
+            run.checkpoint_candidates(self.workdir, self.orbax_steps(), ORBAX_DIR),
+            lambda step, source: self.restore(step, source, abstract_state, opt_config, fresh_optimizer),
+            lambda step, source: self.step_dir(step) if source == ORBAX_DIR else run.neutral_path(self.workdir, step),
+            move_damaged=not self.read_only and jax.process_index() == 0, say=say)
+        if self._manager is not None:
+            self._manager.reload()          # a damaged step moved away is no longer orbax's
+        return restored
+
     def restore(self, step: int, source: str, abstract_state: TrainState, opt_config,
                 fresh_optimizer: bool = False) -> TrainState:
         """The TrainState of `step`, placed as `abstract_state`'s leaves say (their `.sharding`).
@@ -134,18 +158,21 @@ class Checkpointer:
         and sample need only the EMA). Raises CheckpointError naming the files; nothing is deleted.
         """
         if source == "orbax":
+            problems = integrity.check_manifest(self.step_dir(step))
+            if problems:
+                raise DamagedCheckpointError(f"checkpoint step {step} in {self.step_dir(step)} is damaged: "
+                                             + "; ".join(problems))
             try:
                 return self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
             except Exception as e:
-                raise CheckpointError(
-                    f"cannot restore checkpoint step {step} from {self.directory / str(step)}: "
-                    f"{type(e).__name__}: {e}. If that step is damaged, move its directory away to resume from "
-                    f"the previous one (steps present: {self.orbax_steps()}).") from e
+                raise DamagedCheckpointError(
+                    f"cannot restore checkpoint step {step} from {self.step_dir(step)}: "
+                    f"{type(e).__name__}: {e} (steps present: {self.orbax_steps()}).") from e
         path = run.neutral_path(self.workdir, step)
         try:
             ckpt = neutral.load_neutral(path)
         except (neutral.NeutralFileError, convert.ConversionError) as e:
-            raise CheckpointError(f"cannot restore step {step} from {path}: {e}") from e
+            raise DamagedCheckpointError(f"cannot restore step {step} from {path}: {e}") from e
         if ckpt.model_config != self.model_config:
             raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
         try:

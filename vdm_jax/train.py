@@ -43,6 +43,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vdm_common import config as config_lib
 from vdm_common import data as data_lib
 from vdm_common import images as images_lib
+from vdm_common import interrupts
 from vdm_common import metrics as metrics_lib
 from vdm_common import run
 from vdm_common import workdir as workdir_lib
@@ -221,11 +222,12 @@ def memory_estimate(model_config: ModelConfig, num_params: int, image_shape, bat
 # ------------------------------------------------------------------------------------------------ main
 
 def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "train",
-         overrides: Mapping[str, Any] | None = None, *, devices=None) -> dict:
+         overrides: Mapping[str, Any] | None = None, *, devices=None, profile_steps: int = 0) -> dict:
     """Runs one mode on a workdir (see vdm_common.run). `overrides`: the command line's config overrides,
     applied to the stored config in eval / sample modes. `devices`: the mesh's devices (default: all).
+    profile_steps: train mode writes a trace of that many steps into <workdir>/profile/.
 
-    Returns a summary dict: train {'step', 'eval', 'samples'}, eval: the eval result, sample {'path'},
+    Returns a summary dict: train {'step', 'eval', 'samples', 'state', 'interrupted'}, eval: the eval result, sample {'path'},
     plot {'path'}.
     """
     run.check_mode(mode)
@@ -237,7 +239,7 @@ def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "tr
     if config.model.compute_dtype == "float64":
         jax.config.update("jax_enable_x64", True)
     if mode == "train":
-        return train(config, workdir, devices=devices)
+        return train(config, workdir, devices=devices, profile_steps=profile_steps)
     return _eval_or_sample(config, workdir, mode, devices=devices)
 
 
@@ -305,31 +307,60 @@ def _on_main_process(fn: Callable[[], Any], what: str) -> None:
         raise error
 
 
-def _same_on_all_processes(latest: tuple[int, str] | None) -> tuple[int, str] | None:
-    """Process 0's view of the latest checkpoint, so that every process restores the same one."""
-    if jax.process_count() == 1:
-        return latest
-    sources = ("orbax", "neutral")
-    code = np.array([-1, -1] if latest is None else [latest[0], sources.index(latest[1])], np.int32)
-    step, source = (int(v) for v in multihost_utils.broadcast_one_to_all(code))
-    return None if step < 0 else (step, sources[source])
+def _agreed_signal(stop: interrupts.StopSignals) -> str | None:
+    """The stop signal any process has received, or None: every process stops at the same step."""
+    received = stop.received or 0
+    if jax.process_count() > 1:
+        received = int(np.max(multihost_utils.process_allgather(np.int32(received))))
+    return interrupts.signal_name(received)
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict:
-    """Trains to training.num_steps_train, resuming from the latest checkpoint of the workdir."""
+class Profiler:
+    """--profile: a jax.profiler trace of about `steps` training steps into <workdir>/profile/ (TensorBoard's
+    profile plugin or Perfetto read it). Tracing starts after the first call, which compiles, and covers
+    whole calls (training.substeps steps each)."""
+
+    def __init__(self, workdir: str, steps: int):
+        self.directory = workdir_lib.layout(workdir).profile
+        self.steps, self.first, self.tracing = steps, None, False
+
+    def after(self, step: int, state) -> None:
+        """Called after each training call with the step reached and the (possibly still running) state."""
+        if self.first is None:
+            jax.block_until_ready(state)
+            jax.profiler.start_trace(str(self.directory))
+            self.first, self.tracing = step, True
+        elif self.tracing and step - self.first >= self.steps:
+            jax.block_until_ready(state)
+            self.close()
+            _say(f"profile of steps {self.first}..{step}: {self.directory}")
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
+
+
+def train(config: ml_collections.ConfigDict, workdir: str, devices=None, profile_steps: int = 0) -> dict:
+    """Trains to training.num_steps_train, resuming from the latest checkpoint of the workdir.
+
+    Stops early, after saving a checkpoint, on SIGTERM / SIGINT (summary['interrupted'] names the signal).
+    profile_steps > 0: write a trace of that many steps (`Profiler`)."""
     r = _Run(config, devices)
     t, opt, mc, mesh, ds = config.training, config.optimizer, r.model_config, r.mesh, r.dataset
     _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir")
     with contextlib.ExitStack() as stack:
         if r.is_main:
             stack.enter_context(workdir_lib.workdir_lock(workdir))
+        if r.is_main:
+            run.remove_partial_writes(workdir, say=_say)
         ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep)
         stack.callback(ckpt.close)      # waits for the last save and raises its error, even after a crash
-        latest = _same_on_all_processes(ckpt.latest())
-        if latest is None:
+        restored = ckpt.restore_latest(r.abstract_state(), opt, say=_say)
+        if restored is None:
             state = init_train_state(mc, opt, ds.image_shape, mesh, r.init_rng)
         else:
-            state = ckpt.restore(*latest, r.abstract_state(), opt)
+            state, latest = restored
             _say(f"resumed from step {latest[0]} ({latest[1]} checkpoint in {workdir_lib.layout(workdir).checkpoints})")
         step = int(to_host(state.step))
         num_params = count_params(state.params)
@@ -344,7 +375,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
             _say(f"the run is at step {step}, training.num_steps_train = {t.num_steps_train}: nothing to train "
                  f"(raise --config.training.num_steps_train to continue)")
         writer = stack.enter_context(metrics_lib.MetricsWriter(workdir, enabled=r.is_main))
-        summary = _train_loop(r, workdir, state, step, ckpt, writer, stack)
+        summary = _train_loop(r, workdir, state, step, ckpt, writer, stack, profile_steps)
     if r.is_main:
         run.plot(workdir)
         _say(run.describe_outputs(workdir))
@@ -352,7 +383,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None) -> dict
 
 
 def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, writer: metrics_lib.MetricsWriter,
-                stack: contextlib.ExitStack) -> dict:
+                stack: contextlib.ExitStack, profile_steps: int) -> dict:
     t, mc, mesh, ds = r.config.training, r.model_config, r.mesh, r.dataset
     train_fn, eval_fn = make_train_fn(mc, r.config.optimizer, mesh), make_eval_fn(mc, mesh)
     pidx, pcount = jax.process_index(), jax.process_count()
@@ -371,10 +402,16 @@ def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, wri
 
     bar = metrics_lib.ProgressBar(total, initial_step=step, enabled=r.is_main)
     stack.callback(bar.close)
+    stop = stack.enter_context(interrupts.StopSignals(say=_say))
+    nonfinite = interrupts.NonFiniteSteps(t.max_nonfinite_steps, workdir_lib.layout(workdir).checkpoints)
+    profiler = Profiler(workdir, profile_steps) if profile_steps else None
+    if profiler:
+        stack.callback(profiler.close)
     # steps/s counts the training calls only (not eval, sampling, checkpointing); the first window of a run
     # includes the compilation.
-    window = {"steps": 0, "seconds": 0.0, "sums": {}}
-    last_eval, last_grid = None, None
+    window = metrics_lib.Window()
+    last_eval, last_grid, interrupted = None, None, None
+    last_saved = step if step > 0 else None             # a run at step > 0 was restored from that step
     pending = host_batch(step) if step < total else None
     while pending is not None:
         n, images, conditioning = pending
@@ -383,19 +420,14 @@ def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, wri
         before, step = step, step + n
         pending = host_batch(step) if step < total else None                       # overlaps the device work
         values = to_host(metrics)                                                  # waits for this call
-        window["seconds"] += time.time() - started
-        if not all(np.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite training metrics at step {step}: {values}; the last checkpoint "
-                                     f"is intact (lower optimizer.learning_rate or set optimizer.grad_clip_norm)")
-        window["steps"] += n
-        for name, value in values.items():
-            window["sums"][name] = window["sums"].get(name, 0.0) + float(value) * n
+        nonfinite.update(before, values.pop("skipped_per_step"), last_saved)
+        window.add(values, n, time.time() - started)
+        if profiler:
+            profiler.after(step, state)
         bar.update(step, values["bpd"])
         final = step == total
         if crossed(t.steps_per_logging, before, step) or final:
-            means = {name: s / window["steps"] for name, s in window["sums"].items()}
-            writer.write(step, "train", **means, steps_per_sec=window["steps"] / max(window["seconds"], 1e-9))
-            window = {"steps": 0, "seconds": 0.0, "sums": {}}
+            writer.write(step, "train", **window.flush())
         if crossed(t.steps_per_eval, before, step) or final:
             result = evaluate(eval_fn, state.ema_params, ds, t.batch_size_eval, t.num_eval_batches, mesh, r.eval_rng)
             writer.write(step, "eval", **{k: v for k, v in result.items() if k != "num_examples"})
@@ -404,8 +436,15 @@ def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, wri
                  f"({result['num_examples']} test images, EMA params)")
         if crossed(t.steps_per_sample, before, step) or (final and t.steps_per_sample > 0):
             last_grid = r.sample_grid(workdir, state.ema_params, step)
-        if crossed(t.steps_per_save, before, step) or final:
+        interrupted = _agreed_signal(stop)
+        if crossed(t.steps_per_save, before, step) or final or (interrupted and last_saved != step):
             ckpt.save(step, state)
+            last_saved = step
+        if interrupted:
+            ckpt.wait()
+            _say(f"stopped by {interrupted} at step {step}; saved checkpoint step {step} in "
+                 f"{workdir_lib.layout(workdir).checkpoints}. Run the same command again to resume.")
+            break
     bar.close()
     ckpt.wait()
     if last_eval is not None:
@@ -413,7 +452,8 @@ def _train_loop(r: _Run, workdir: str, state, step: int, ckpt: Checkpointer, wri
         _say(f"final {run.format_eval(last_eval)}")
     if last_grid is not None:
         _say(f"samples: {last_grid}")
-    return {"step": step, "eval": last_eval, "samples": str(last_grid) if last_grid else None, "state": state}
+    return {"step": step, "eval": last_eval, "samples": str(last_grid) if last_grid else None, "state": state,
+            "interrupted": interrupted}
 
 
 def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, devices=None) -> dict:
@@ -422,11 +462,11 @@ def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, 
     r = _Run(config, devices, need_train_batch=False)
     ckpt = Checkpointer(workdir, r.model_config, config.training.checkpoints_to_keep, read_only=True)
     try:
-        latest = ckpt.latest()
-        if latest is None:
+        restored = ckpt.restore_latest(r.abstract_state(), config.optimizer, fresh_optimizer=True, say=_say)
+        if restored is None:
             raise run.RunError(f"{workdir_lib.layout(workdir).checkpoints} holds no checkpoint; train first "
                                f"(--mode=train --workdir={workdir})")
-        state = ckpt.restore(*latest, r.abstract_state(), config.optimizer, fresh_optimizer=True)
+        state, latest = restored
     finally:
         ckpt.close()
     step = latest[0]                 # the checkpoint's step (a state without optimizer restarts its count)

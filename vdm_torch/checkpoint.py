@@ -20,7 +20,9 @@ from `steps.step_generator`, the dropout masks from `steps.seed_dropout`, the ba
 process's CPU (and CUDA) RNG states, restored on request, so the default generators continue where an
 uninterrupted run has them.
 
-Restoring maps every tensor to the requested device, so a checkpoint written on a GPU restores on a CPU and
+Each torch file holds a SHA-256 of its contents (`digest`, key 'sha256'), the neutral export one of its
+tensors; a checkpoint that fails it (or fails to load) is reported and the previous one restored
+(`restore_latest`). Restoring maps every tensor to the requested device, so a checkpoint written on a GPU restores on a CPU and
 one written by N processes restores in M.
 """
 from __future__ import annotations
@@ -33,8 +35,9 @@ from typing import Any
 import ml_collections
 import torch
 
-from vdm_common import neutral, run
+from vdm_common import integrity, neutral, run
 from vdm_common.config import ConfigError, ModelConfig
+from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_common.workdir import atomic_write
 from vdm_common.weights import ConversionError
 from vdm_torch import convert
@@ -46,10 +49,6 @@ SUFFIX = ".pt"
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint could not be written or read; the message names the step, the path and what to do."""
-
-
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     """`torch.save(obj)` to `path` so that readers see the old file or the new one, never a partial one
     (vdm_common.workdir.atomic_write: temp file, fsync, rename, fsync of the directory), written straight to
@@ -58,6 +57,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda f: torch.save(obj, f))
     return path
+
+
+def digest(obj: Any, prefix: str = "") -> str:
+    """The checksum of a checkpoint dict (vdm_common.integrity): every tensor by dtype, shape and bytes, every
+    other value by its text, the `sha256` entry itself left out."""
+    return integrity.digest_arrays(_leaves(obj, prefix))
+
+
+def _leaves(obj: Any, prefix: str) -> list[tuple[str, Any]]:
+    if isinstance(obj, dict):
+        return [leaf for key, value in obj.items() if key != "sha256"
+                for leaf in _leaves(value, f"{prefix}{key}/")]
+    if isinstance(obj, (list, tuple)):
+        return [leaf for i, value in enumerate(obj) for leaf in _leaves(value, f"{prefix}{i}/")]
+    if isinstance(obj, torch.Tensor):
+        flat = obj.detach().cpu().contiguous().reshape(-1)
+        return [(prefix, f"{obj.dtype}{tuple(obj.shape)}"), (prefix + "bytes", flat.view(torch.uint8).numpy())]
+    return [(prefix, repr(obj))]
 
 
 def rng_states() -> dict[str, Any]:
@@ -122,6 +139,7 @@ class Checkpointer:
         try:
             obj = convert.state_to_checkpoint(state)
             obj["rng"] = rng_states() if rng is None else rng
+            obj["sha256"] = digest(obj)
             atomic_torch_save(obj, path)
             ckpt = convert.state_to_neutral(state, extra={"source": "vdm_torch.train"})
             neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
@@ -165,13 +183,19 @@ class Checkpointer:
         try:
             obj = torch.load(path, map_location=device, weights_only=True)
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {path} does not exist (steps present: {self.torch_steps()})") from None
+            raise DamagedCheckpointError(f"checkpoint {path} does not exist (steps present: {self.torch_steps()})") \
+                from None
         except Exception as e:  # pickle / zip errors of many kinds for a damaged file
-            raise CheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. {hint}") from e
+            raise DamagedCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. {hint}") from e
+        if not isinstance(obj, dict):
+            raise DamagedCheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict. {hint}")
+        if "sha256" in obj and digest(obj) != obj["sha256"]:
+            raise DamagedCheckpointError(f"{path} does not match its checksum: the file is damaged (its bytes "
+                                         f"changed after it was written). {hint}")
         try:
             stored = ModelConfig.from_config(obj["model_config"])
         except (KeyError, TypeError, ConfigError) as e:
-            raise CheckpointError(f"{path} holds no valid model_config ({e}). {hint}") from None
+            raise DamagedCheckpointError(f"{path} holds no valid model_config ({e}). {hint}") from None
         if stored != self.model_config:
             diff = [f"{k}: checkpoint={v!r} run={getattr(self.model_config, k)!r}"
                     for k, v in stored.to_dict().items() if getattr(self.model_config, k) != v]
@@ -185,25 +209,37 @@ class Checkpointer:
             ema.requires_grad_(False)
             optimizer = make_optimizer(model, opt_config, fused)
             optimizer.load_state_dict(obj["optimizer"])
-        except (KeyError, RuntimeError, ValueError) as e:
-            raise CheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}. {hint}") from e
+            if int(obj["step"]) != step:
+                raise ValueError(f"it holds step {obj['step']}, not {step}")
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            raise DamagedCheckpointError(f"cannot restore {path}: {type(e).__name__}: {e}. {hint}") from e
         _apply_optimizer_choice(optimizer, fused)
-        if int(obj["step"]) != step:
-            raise CheckpointError(f"{path} holds step {obj['step']}, not {step}. {hint}")
         if restore_rng and obj.get("rng") is not None:
             set_rng_states(obj["rng"])
         return TrainState(step=step, model=model, ema=ema, optimizer=optimizer)
+
+    def restore_latest(self, opt_config: ml_collections.ConfigDict, device: torch.device | str = "cpu",
+                       fused: bool | None = None, restore_rng: bool = False, fresh_optimizer: bool = False,
+                       say=print) -> tuple[TrainState, tuple[int, str]] | None:
+        """(state, (step, source)) of the newest intact checkpoint, or None when there is none: a damaged one
+        is reported and the previous one used (vdm_common.run.restore_newest; damaged ones are moved to
+        checkpoints/damaged/ unless read_only). Arguments as `restore`."""
+        return run.restore_newest(
+            run.checkpoint_candidates(self.workdir, self.torch_steps(), TORCH_DIR),
+            lambda step, source: self.restore(step, source, opt_config, device, fused, restore_rng, fresh_optimizer),
+            lambda step, source: self.path(step) if source == TORCH_DIR else run.neutral_path(self.workdir, step),
+            move_damaged=not self.read_only, say=say)
 
     def _restore_neutral(self, step: int, opt_config, device, fused, fresh_optimizer: bool) -> TrainState:
         path = run.neutral_path(self.workdir, step)
         try:
             ckpt = neutral.load_neutral(path)
         except (neutral.NeutralFileError, ConversionError) as e:
-            raise CheckpointError(f"cannot restore step {step} from {path}: {e}") from e
+            raise DamagedCheckpointError(f"cannot restore step {step} from {path}: {e}") from e
         if ckpt.model_config != self.model_config:
             raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
         if ckpt.step != step:
-            raise CheckpointError(f"{path} holds step {ckpt.step}, not {step}")
+            raise DamagedCheckpointError(f"{path} holds step {ckpt.step}, not {step}")
         try:
             return convert.state_from_neutral(ckpt, opt_config, device=device, fused=fused,
                                               fresh_optimizer=fresh_optimizer and not ckpt.has_optimizer)

@@ -109,7 +109,10 @@ def strip_wrapper_prefix(state: Mapping[str, torch.Tensor]) -> Mapping[str, torc
 
 
 def _to_numpy(value: torch.Tensor) -> np.ndarray:
-    return value.detach().to("cpu").numpy().copy()
+    value = value.detach().to("cpu")
+    if value.dtype == torch.bfloat16:    # numpy has no bfloat16; widening to float32 is exact
+        value = value.float()
+    return value.numpy().copy()
 
 
 def _named_adam_state(state: TrainState) -> tuple[dict, dict, int]:
@@ -216,32 +219,46 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
     if "model" not in obj:
         if not all(isinstance(v, torch.Tensor) for v in obj.values()):
             raise ConversionError(f"{path} is neither a checkpoint dict (no 'model' key) nor a plain state_dict "
-                                  f"(keys {sorted(obj)[:8]}...)")
+                                  f"(keys {sorted(obj, key=str)[:8]}...)")
         obj = {"model": obj}
     model_config = _agree(path, obj.get("model_config"), model_config)
-    check_state_dict(strip_wrapper_prefix(obj["model"]), model_config, f"{path} ['model']")
-    params = params_to_neutral(obj["model"])
-    ema = None
-    if obj.get("ema") is not None:
-        check_state_dict(strip_wrapper_prefix(obj["ema"]), model_config, f"{path} ['ema']")
-        ema = params_to_neutral(obj["ema"])
-    ckpt = NeutralCheckpoint(model_config=model_config, params=params, ema_params=ema,
-                             step=int(obj.get("step", 0)), extra={"source": str(path), "backend": "torch"})
+    params = _read_state_dict(path, obj, "model", model_config)
+    ema = _read_state_dict(path, obj, "ema", model_config) if obj.get("ema") is not None else None
+    try:
+        step = int(obj.get("step", 0))
+    except (TypeError, ValueError, RuntimeError):
+        raise ConversionError(f"{path}: 'step' = {obj['step']!r:.80} is not an integer") from None
+    ckpt = NeutralCheckpoint(model_config=model_config, params=params, ema_params=ema, step=step,
+                             extra={"source": str(path), "backend": "torch"})
     if obj.get("optimizer") is not None:
         # Rebuild the trainer's optimizer and let torch map the saved state onto it, exactly as a resume
         # does; then read it back by parameter name. The hyper-parameters come from the file.
         opt = ml_collections.ConfigDict(default_training()["optimizer"])
-        state = state_from_neutral(ckpt, opt, fresh_optimizer=True)
         try:
+            state = state_from_neutral(ckpt, opt, fresh_optimizer=True)
             state.optimizer.load_state_dict(obj["optimizer"])
-        except (ValueError, KeyError) as e:
+            _check_param_names(path, obj["optimizer"], state)
+            mu, nu, count = _named_adam_state(state)
+        except ConversionError as e:
+            raise ConversionError(f"{path}: {e}") from None
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+            # load_state_dict and the per-parameter reads trust the saved structure; a damaged one fails anywhere
             raise ConversionError(f"{path}: the optimizer state does not fit vdm_torch.steps.make_optimizer's "
-                                  f"AdamW for this model: {e}") from None
-        _check_param_names(path, obj["optimizer"], state)
-        mu, nu, count = _named_adam_state(state)
+                                  f"AdamW for this model ({type(e).__name__}: {e})") from None
         ckpt.opt_mu, ckpt.opt_nu, ckpt.opt_count = torch_layout_to_neutral(mu), torch_layout_to_neutral(nu), count
     ckpt.validate(str(path))
     return ckpt
+
+
+def _read_state_dict(path: Path, obj: Mapping, key: str, model_config: ModelConfig) -> dict[str, np.ndarray]:
+    """obj[key], a state_dict of the model (strictly checked), as neutral tensors."""
+    state = obj[key]
+    if not isinstance(state, Mapping) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                 for k, v in state.items()):
+        raise ConversionError(f"{path} ['{key}'] is not a state_dict (a mapping of parameter names to tensors), "
+                              f"but a {type(state).__name__}")
+    check_state_dict(strip_wrapper_prefix(state), model_config, f"{path} ['{key}']")
+    return params_to_neutral(state)
 
 
 def _check_param_names(path: Path, saved: Mapping, state: TrainState) -> None:

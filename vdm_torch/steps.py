@@ -30,12 +30,27 @@ _DROPOUT_STREAM = 0x64726F70     # keeps the dropout seeds apart from other Seed
 
 @dataclasses.dataclass
 class TrainState:
-    """step: updates done; model: the trained VDM (unwrapped); ema: its EMA copy; optimizer: AdamW."""
+    """step: steps done (the next batch is step's); model: the trained VDM (unwrapped); ema: its EMA copy;
+    optimizer: AdamW; updates: the updates AdamW applied (= step unless steps were skipped for a non-finite
+    loss or gradient; the LR schedule reads it, as optax's count in JAX), by default read from the optimizer."""
 
     step: int
     model: VDM
     ema: VDM
     optimizer: torch.optim.AdamW
+    updates: int | None = None
+
+    def __post_init__(self):
+        if self.updates is None:
+            self.updates = adam_count(self.optimizer)
+
+
+def adam_count(optimizer: torch.optim.Optimizer) -> int:
+    """The updates an AdamW has applied: its per-parameter `step` (0 before the first)."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
 
 
 def decay_mask(model: nn.Module) -> dict[str, bool]:
@@ -141,13 +156,16 @@ def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state:
     the gradient of the global batch mean only because every process holds the same number of images
     (vdm_common.data.train_batch splits the global batch evenly, and the trainer refuses a batch size that
     does not divide). Metrics are this process's (the trainer averages them over processes).
-    Returns metrics bpd, its parts, grad_norm (before clipping), learning_rate, as 0-d tensors (no sync).
+    A step whose loss or gradient norm is not finite (on any process) is skipped: model, EMA and AdamW stay
+    as they were and only `step` advances, to the next batch (as `vdm_jax.steps.train_step`).
+    Returns metrics bpd, its parts, grad_norm (before clipping), learning_rate, skipped (1.0 or 0.0), as 0-d
+    tensors.
     """
     if noise is None:
         noise = draw_shard_noise(generator, images.shape, model_config, shard, device=images.device)
     if deterministic is None:
         deterministic = model_config.sm_pdrop == 0
-    lr = learning_rate(opt)(state.step)
+    lr = learning_rate(opt)(state.updates)
     for group in state.optimizer.param_groups:
         group["lr"] = lr
     forward = state.model if forward is None else forward
@@ -155,12 +173,27 @@ def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state:
     parts = bits_per_dim(forward(images, conditioning, noise, deterministic), images.shape[1:])
     parts["bpd"].backward()
     grad_norm = clip_by_global_norm_(list(state.model.parameters()), opt.grad_clip_norm)
-    state.optimizer.step()
-    update_ema_(state.ema, state.model, opt.ema_rate)
+    if all_finite(parts["bpd"].detach(), grad_norm, shard[1]):
+        state.optimizer.step()
+        update_ema_(state.ema, state.model, opt.ema_rate)
+        state.updates += 1
+        skipped = 0.0
+    else:
+        skipped = 1.0
     state.step += 1
     metrics = {k: v.detach() for k, v in parts.items()}
-    metrics.update(grad_norm=grad_norm.detach(), learning_rate=torch.tensor(lr, device=grad_norm.device))
+    metrics.update(grad_norm=grad_norm.detach(), learning_rate=torch.tensor(lr, device=grad_norm.device),
+                   skipped=torch.tensor(skipped, device=grad_norm.device))
     return metrics
+
+
+def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, num_processes: int = 1) -> bool:
+    """Whether a step may be applied: this process's loss and the (all-reduced, so global) gradient norm are
+    finite, on every process. Reading it on the host synchronises with the device once per step."""
+    finite = (torch.isfinite(loss) & torch.isfinite(grad_norm)).to(torch.int32)
+    if num_processes > 1:
+        torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
+    return bool(finite)
 
 
 @torch.no_grad()

@@ -58,6 +58,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vdm_common import config as config_lib
 from vdm_common import data as data_lib
 from vdm_common import images as images_lib
+from vdm_common import interrupts
 from vdm_common import metrics as metrics_lib
 from vdm_common import run
 from vdm_common import workdir as workdir_lib
@@ -151,15 +152,6 @@ def _all_ok(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([int(ok)], device=_comm_device(device))
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
-
-
-def _broadcast_object(value: Any) -> Any:
-    """Process 0's `value` on every process."""
-    if process_count() == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def _mean_over_processes(values: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -346,12 +338,14 @@ def memory_estimate(model_config: ModelConfig, num_params: int, image_shape, bat
 
 def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "train",
          overrides: Mapping[str, Any] | None = None, *, device: torch.device | str | None = None,
-         compile: bool = False, channels_last: bool = False, fused: bool | None = None) -> dict:
+         compile: bool = False, channels_last: bool = False, fused: bool | None = None,
+         profile_steps: int = 0) -> dict:
     """Runs one mode on a workdir (see vdm_common.run). `overrides`: the command line's config overrides,
     applied to the stored config in eval / sample modes. `device`: default cuda:LOCAL_RANK, else the CPU.
     compile / channels_last / fused (None: where available): speed options of training (see the module doc).
+    profile_steps: train mode writes a trace of that many steps into <workdir>/profile/.
 
-    Returns a summary dict: train {'step', 'eval', 'samples', 'state'}, eval: the eval result, sample
+    Returns a summary dict: train {'step', 'eval', 'samples', 'state', 'interrupted'}, eval: the eval result, sample
     {'path', 'step'}, plot {'path'}.
     """
     run.check_mode(mode)
@@ -362,7 +356,7 @@ def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "tr
         _say(f"wrote {path}")
         return {"path": str(path)}
     config = run.mode_config(mode, workdir, config, overrides)
-    options = dict(compile=compile, channels_last=channels_last, fused=fused)
+    options = dict(compile=compile, channels_last=channels_last, fused=fused, profile_steps=profile_steps)
     if mode == "train":
         return train(config, workdir, device=device, **options)
     return _eval_or_sample(config, workdir, mode, device=device, channels_last=channels_last)
@@ -437,9 +431,61 @@ def _on_main_process(fn: Callable[[], Any], what: str, device: torch.device) -> 
         raise run.RunError(f"process 0 failed to {what}; see its output")
 
 
+def _agreed_signal(stop: interrupts.StopSignals, device: torch.device) -> str | None:
+    """The stop signal any process has received, or None: every process stops at the same step."""
+    received = stop.received or 0
+    if process_count() > 1:
+        flag = torch.tensor([received], device=_comm_device(device))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        received = int(flag.item())
+    return interrupts.signal_name(received)
+
+
+class Profiler:
+    """--profile: a torch.profiler trace of about `steps` training steps into <workdir>/profile/:
+    trace_rank<R>.json (chrome://tracing or Perfetto) and summary_rank<R>.txt (the operators by time).
+    Tracing starts after the first call (with --compile, the one that compiles) and covers whole calls
+    (training.substeps steps each)."""
+
+    def __init__(self, workdir: str, steps: int, device: torch.device, rank: int):
+        self.directory = workdir_lib.layout(workdir).profile
+        self.steps, self.rank, self.first = steps, rank, None
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if device.type == "cuda":
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        self.sort_by = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        self._profile = torch.profiler.profile(activities=activities)
+        self.tracing = False
+
+    def __enter__(self) -> "Profiler":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.tracing:
+            self._profile.stop()
+            self.tracing = False
+
+    def after(self, step: int) -> None:
+        """Called after each training call with the step reached."""
+        if self.first is None:
+            self._profile.start()
+            self.first, self.tracing = step, True
+        elif self.tracing and step - self.first >= self.steps:
+            self._profile.stop()
+            self.tracing = False
+            self.directory.mkdir(exist_ok=True)
+            self._profile.export_chrome_trace(str(self.directory / f"trace_rank{self.rank}.json"))
+            table = self._profile.key_averages().table(sort_by=self.sort_by, row_limit=30)
+            (self.directory / f"summary_rank{self.rank}.txt").write_text(table + "\n")
+            _say(f"profile of steps {self.first}..{step}: {self.directory}")
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, device=None, *, compile: bool = False,
-          channels_last: bool = False, fused: bool | None = None) -> dict:
-    """Trains to training.num_steps_train, resuming from the latest checkpoint of the workdir."""
+          channels_last: bool = False, fused: bool | None = None, profile_steps: int = 0) -> dict:
+    """Trains to training.num_steps_train, resuming from the latest checkpoint of the workdir.
+
+    Stops early, after saving a checkpoint, on SIGTERM / SIGINT (summary['interrupted'] names the signal).
+    profile_steps > 0: write a trace of that many steps (`Profiler`)."""
     r = _Run(config, device, channels_last=channels_last)
     t, opt, mc, ds = config.training, config.optimizer, r.model_config, r.dataset
     fused = fused_available(r.device, mc) if fused is None else fused
@@ -447,13 +493,15 @@ def train(config: ml_collections.ConfigDict, workdir: str, device=None, *, compi
     with contextlib.ExitStack() as stack:
         _on_main_process(lambda: stack.enter_context(workdir_lib.workdir_lock(workdir)), "lock the workdir",
                          r.device)
-        ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep)
+        ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep, read_only=not r.is_main)
         stack.callback(ckpt.close)
-        latest = _broadcast_object(ckpt.latest())
-        if latest is None:
+        if r.is_main:
+            run.remove_partial_writes(workdir, say=_say)
+        restored = ckpt.restore_latest(opt, r.device, fused, restore_rng=True, say=_say)
+        if restored is None:
             state = steps.create_train_state(mc, opt, stream_seed(t.seed, _STREAM_INIT, 0), r.device, fused)
         else:
-            state = ckpt.restore(*latest, opt, r.device, fused, restore_rng=True)
+            state, latest = restored
             _say(f"resumed from step {latest[0]} ({latest[1]} checkpoint in {workdir_lib.layout(workdir).checkpoints})")
         if channels_last:
             to_channels_last(state)
@@ -470,7 +518,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, device=None, *, compi
             _say(f"the run is at step {step}, training.num_steps_train = {t.num_steps_train}: nothing to train "
                  f"(raise --config.training.num_steps_train to continue)")
         writer = stack.enter_context(metrics_lib.MetricsWriter(workdir, enabled=r.is_main))
-        summary = _train_loop(r, workdir, state, ckpt, writer, stack, compile)
+        summary = _train_loop(r, workdir, state, ckpt, writer, stack, compile, profile_steps)
     if r.is_main:
         run.plot(workdir)
         _say(run.describe_outputs(workdir))
@@ -478,7 +526,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, device=None, *, compi
 
 
 def _train_loop(r: _Run, workdir: str, state: steps.TrainState, ckpt: Checkpointer,
-                writer: metrics_lib.MetricsWriter, stack: contextlib.ExitStack, compile: bool) -> dict:
+                writer: metrics_lib.MetricsWriter, stack: contextlib.ExitStack, compile: bool,
+                profile_steps: int) -> dict:
     t, opt, mc, ds, device = r.config.training, r.config.optimizer, r.model_config, r.dataset, r.device
     forward = make_forward(state.model, device, compile)
     shard = (r.rank, r.num_processes)
@@ -487,48 +536,52 @@ def _train_loop(r: _Run, workdir: str, state: steps.TrainState, ckpt: Checkpoint
     def crossed(period: int, before: int, after: int) -> bool:
         return period > 0 and after // period > before // period
 
-    def run_steps(start: int, n: int) -> dict[str, float]:
-        """Steps start..start+n-1; returns their metrics averaged over the n steps and the processes.
+    def run_steps(start: int, n: int) -> tuple[dict[str, float], list[float]]:
+        """Steps start..start+n-1; returns their metrics (means over the applied steps, averaged over the
+        processes; `skipped` summed) and a skipped flag per step.
 
-        The host reads the metrics once per call (every training.substeps steps, as the JAX trainer), so
-        the device is not synchronised after every step.
+        The metrics reach the host once per call (every training.substeps steps, as the JAX trainer's).
         """
-        sums = None
+        sums, skipped = None, []
         for s in range(start, start + n):
             images, conditioning = data_lib.train_batch(ds, t.seed, s, t.batch_size_train, *shard)
             steps.seed_dropout(t.seed, s, r.rank)
             metrics = steps.train_step(mc, opt, state, r.images(images), torch.from_numpy(conditioning).to(device),
                                        generator=steps.step_generator(t.seed, s, device), forward=forward,
                                        shard=shard)
+            skipped.append(float(metrics["skipped"]))       # the step itself already read it on the host
+            if skipped[-1]:
+                continue
             values = torch.stack([metrics[name].to(device=device, dtype=torch.float64) for name in TRAIN_METRICS])
             sums = values if sums is None else sums + values
-        means = _mean_over_processes(sums / n, device).tolist()
-        return dict(zip(TRAIN_METRICS, means))
+        applied = n - sum(skipped)
+        means = (_mean_over_processes(sums / applied, device).tolist() if applied
+                 else [float("nan")] * len(TRAIN_METRICS))
+        return dict(zip(TRAIN_METRICS, means), skipped=float(sum(skipped))), skipped
 
     bar = metrics_lib.ProgressBar(total, initial_step=step, enabled=r.is_main)
     stack.callback(bar.close)
+    stop = stack.enter_context(interrupts.StopSignals(say=_say))
+    nonfinite = interrupts.NonFiniteSteps(t.max_nonfinite_steps, workdir_lib.layout(workdir).checkpoints)
+    profiler = stack.enter_context(Profiler(workdir, profile_steps, device, r.rank)) if profile_steps else None
     # steps/s counts the training calls only (not eval, sampling, checkpointing); with --compile the first
     # window includes the compilation.
-    window = {"steps": 0, "seconds": 0.0, "sums": {}}
-    last_eval, last_grid = None, None
+    window = metrics_lib.Window()
+    last_eval, last_grid, interrupted = None, None, None
+    last_saved = step if step > 0 else None             # a run at step > 0 was restored from that step
     while step < total:
         n = min(t.substeps - step % t.substeps, total - step)      # realigns to substeps after an odd resume
         started = time.time()
-        values = run_steps(step, n)
+        values, skipped = run_steps(step, n)
         before, step = step, step + n
-        window["seconds"] += time.time() - started
-        if not all(np.isfinite(v) for v in values.values()):
-            raise FloatingPointError(f"non-finite training metrics at step {step}: {values}; the last checkpoint "
-                                     f"is intact (lower optimizer.learning_rate or set optimizer.grad_clip_norm)")
-        window["steps"] += n
-        for name, value in values.items():
-            window["sums"][name] = window["sums"].get(name, 0.0) + float(value) * n
+        nonfinite.update(before, skipped, last_saved)
+        window.add(values, n, time.time() - started)
+        if profiler:
+            profiler.after(step)
         bar.update(step, values["bpd"])
         final = step == total
         if crossed(t.steps_per_logging, before, step) or final:
-            means = {name: s / window["steps"] for name, s in window["sums"].items()}
-            writer.write(step, "train", **means, steps_per_sec=window["steps"] / max(window["seconds"], 1e-9))
-            window = {"steps": 0, "seconds": 0.0, "sums": {}}
+            writer.write(step, "train", **window.flush())
         if crossed(t.steps_per_eval, before, step) or final:
             result = evaluate(state.ema, ds, t.batch_size_eval, t.num_eval_batches, device, t.seed, r.channels_last)
             writer.write(step, "eval", **{k: v for k, v in result.items() if k != "num_examples"})
@@ -537,8 +590,14 @@ def _train_loop(r: _Run, workdir: str, state: steps.TrainState, ckpt: Checkpoint
                  f"({result['num_examples']} test images, EMA params)")
         if crossed(t.steps_per_sample, before, step) or (final and t.steps_per_sample > 0):
             last_grid = r.sample_grid(workdir, state.ema, step)
-        if crossed(t.steps_per_save, before, step) or final:
+        interrupted = _agreed_signal(stop, device)
+        if crossed(t.steps_per_save, before, step) or final or (interrupted and last_saved != step):
             _on_main_process(lambda: ckpt.save(step, state), f"save checkpoint step {step}", device)
+            last_saved = step
+        if interrupted:
+            _say(f"stopped by {interrupted} at step {step}; saved checkpoint step {step} in "
+                 f"{workdir_lib.layout(workdir).checkpoints}. Run the same command again to resume.")
+            break
     bar.close()
     ckpt.wait()
     if device.type == "cuda" and r.is_main:
@@ -548,7 +607,8 @@ def _train_loop(r: _Run, workdir: str, state: steps.TrainState, ckpt: Checkpoint
         _say(f"final {run.format_eval(last_eval)}")
     if last_grid is not None:
         _say(f"samples: {last_grid}")
-    return {"step": step, "eval": last_eval, "samples": str(last_grid) if last_grid else None, "state": state}
+    return {"step": step, "eval": last_eval, "samples": str(last_grid) if last_grid else None, "state": state,
+            "interrupted": interrupted}
 
 
 def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, device=None,
@@ -560,11 +620,11 @@ def _eval_or_sample(config: ml_collections.ConfigDict, workdir: str, mode: str, 
     the weights are converted on the fly."""
     r = _Run(config, device, need_train_batch=False, channels_last=channels_last)
     ckpt = Checkpointer(workdir, r.model_config, config.training.checkpoints_to_keep, read_only=True)
-    latest = _broadcast_object(ckpt.latest())
-    if latest is None:
+    restored = ckpt.restore_latest(config.optimizer, r.device, fresh_optimizer=True, say=_say)
+    if restored is None:
         raise run.RunError(f"{workdir_lib.layout(workdir).checkpoints} holds no checkpoint; train first "
                            f"(--mode=train --workdir={workdir})")
-    state = ckpt.restore(*latest, config.optimizer, r.device, fresh_optimizer=True)
+    state, latest = restored
     if channels_last:
         to_channels_last(state)
     step = latest[0]                 # the checkpoint's step (a state without optimizer restarts its count)
