@@ -1,0 +1,122 @@
+"""Runs train_jax.py or train_torch.py with one fault injected at a chosen point (a test helper).
+
+    python tests/reliability/faults.py FAULT train_jax.py --workdir=W --config.training.x=...
+
+FAULT (comma-separated, each KIND:ARG):
+  kill-at-step:N      SIGKILL when the batch of step N is loaded (while the steps before it run)
+  signal-at-step:N:S  send signal S (SIGTERM, SIGINT) to itself there; `twice` as S sends SIGTERM twice
+  kill-in-write:NAME  a checkpoint file whose name contains NAME is half written, then SIGKILL (before
+                      the rename that would complete it)
+  kill-in-eval:K      SIGKILL after the first batch of the K-th evaluation of this process
+  enospc-in-write:NAME  writing a checkpoint file whose name contains NAME fails with "No space left on device"
+  nan-at-steps:A:B    the conditioning of steps A..B-1 is NaN (the loss and gradients become NaN)
+  none                no fault
+
+The entry script then runs as `python SCRIPT ARGS` would (its exit status is this process's).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import runpy
+import signal
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from vdm_common import data  # noqa: E402
+
+
+def _kill() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def at_step(step: int, action) -> None:
+    original = data.train_batch
+
+    def train_batch(dataset, seed, s, *args, **kwargs):
+        if int(s) == step:
+            action()
+        return original(dataset, seed, s, *args, **kwargs)
+    data.train_batch = train_batch
+
+
+def nan_at_steps(first: int, stop: int) -> None:
+    original = data.train_batch
+
+    def train_batch(dataset, seed, s, *args, **kwargs):
+        images, conditioning = original(dataset, seed, s, *args, **kwargs)
+        if first <= int(s) < stop:
+            conditioning = conditioning + float("nan")
+        return images, conditioning
+    data.train_batch = train_batch
+
+
+def in_write(name: str, action) -> None:
+    """Every atomic write ends with os.replace(temp, final): act on the temp file before it."""
+    original = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if name in os.path.basename(os.fspath(dst)):
+            action(src)
+        return original(src, dst, *args, **kwargs)
+    os.replace = replace
+
+
+def half_written_then_killed(temp) -> None:
+    size = os.path.getsize(temp)
+    os.truncate(temp, size // 2)
+    _kill()
+
+
+def no_space(temp) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(temp))
+
+
+def in_eval(k: int) -> None:
+    original = data.eval_batches
+    calls = {"n": 0}
+
+    def eval_batches(*args, **kwargs):
+        calls["n"] += 1
+        for i, batch in enumerate(original(*args, **kwargs)):
+            if calls["n"] == k and i == 1:
+                _kill()
+            yield batch
+    data.eval_batches = eval_batches
+
+
+def send(name: str):
+    def action():
+        for signum in ([signal.SIGTERM, signal.SIGTERM] if name == "twice" else [signal.Signals[name]]):
+            os.kill(os.getpid(), signum)
+    return action
+
+
+def install(spec: str) -> None:
+    for item in spec.split(","):
+        kind, *args = item.split(":")
+        if kind == "kill-at-step":
+            at_step(int(args[0]), _kill)
+        elif kind == "signal-at-step":
+            at_step(int(args[0]), send(args[1]))
+        elif kind == "kill-in-write":
+            in_write(args[0], half_written_then_killed)
+        elif kind == "kill-in-eval":
+            in_eval(int(args[0]))
+        elif kind == "enospc-in-write":
+            in_write(args[0], no_space)
+        elif kind == "nan-at-steps":
+            nan_at_steps(int(args[0]), int(args[1]))
+        elif kind != "none":
+            raise SystemExit(f"unknown fault {item!r}")
+
+
+if __name__ == "__main__":
+    install(sys.argv[1])
+    script = str(ROOT / sys.argv[2])
+    sys.argv = [script, *sys.argv[3:]]
+    runpy.run_path(script, run_name="__main__")
