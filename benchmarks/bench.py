@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench                                  # small and medium, fp32 and bf16
     python -m benchmarks.bench --sizes=small --dtypes=float32 --steps=10 --out=docs/benchmarks
+    python -m benchmarks.bench --sizes=small --dtypes=float32 --official=../vdm --port=../variational-diffusion-models
 
 Each (backend, size, dtype) runs in its own subprocess, one after the other, so peak memory and thread
 pools do not mix. A worker times N training steps after warm-up (median and spread, device
@@ -9,6 +10,10 @@ synchronised), sampling steps, and eval batches, and a large GEMM in the same fr
 device. Utilisation = analytic FLOPs of a training step (vdm_common/flops.py) per second of median step
 time, over the device's matmul ceiling: the faster of the two frameworks' GEMMs of that dtype in the run
 (and, in brackets, over the framework's own GEMM). Writes bench.json and bench.md under --out.
+
+--official / --port name local checkouts of the upstream implementations (google-research/vdm and
+addtt/variational-diffusion-models): their code is then timed beside ours in the same run, on the small
+float32 config only (the one their earlier figures are for), by benchmarks/upstream_workers.py.
 """
 from __future__ import annotations
 
@@ -49,6 +54,68 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024                 # Linux: KiB
 
 
+# ------------------------------------------------------ shared by our workers and benchmarks/upstream_workers.py
+def jax_timed(fn, n: int):
+    """Calls fn n times, each to completion (block_until_ready); returns (last output, seconds of each)."""
+    import jax
+
+    out, times = None, []
+    for _ in range(n):
+        start = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - start)
+    return out, times
+
+
+def jax_device_figures(dtype: str) -> dict:
+    """The device, the peak memory of the work done so far (before the GEMM), and the GEMM rate of this dtype
+    in JAX."""
+    import jax
+    import jax.numpy as jnp
+
+    device = jax.devices()[0]
+    peak = device.memory_stats().get("peak_bytes_in_use") if device.platform != "cpu" else None
+    memory = dict(peak_memory_bytes=peak or peak_rss_bytes(), memory_kind="device peak" if peak else "host RSS")
+    n = 2048 if device.platform == "cpu" else 8192
+    a = jax.random.normal(jax.random.PRNGKey(3), (n, n)).astype(jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    jax_timed(lambda: matmul(a), 2)
+    _, mm_times = jax_timed(lambda: matmul(a), 5)
+    return dict(device=f"{device.platform}: {device.device_kind}",
+                matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), **memory)
+
+
+def torch_timed(fn, n: int, device: str) -> list[float]:
+    """Calls fn n times, the device synchronised around each; returns the seconds of each."""
+    import torch
+
+    times = []
+    for _ in range(n):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def torch_device_figures(dtype: str, device: str) -> dict:
+    """The device, the peak memory of the work done so far (before the GEMM), and the GEMM rate of this dtype
+    in torch."""
+    import torch
+
+    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+    memory = dict(peak_memory_bytes=peak or peak_rss_bytes(), memory_kind="device peak" if peak else "host RSS")
+    n = 2048 if device == "cpu" else 8192
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
+    torch_timed(lambda: a @ a, 2, device)
+    mm_times = torch_timed(lambda: a @ a, 5, device)
+    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
+    return dict(device=f"{device}: {name}", matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), **memory)
+
+
 # ---------------------------------------------------------------------------------------------- JAX worker
 def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     import jax
@@ -65,46 +132,26 @@ def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     x = jax.random.randint(jax.random.PRNGKey(1), (batch, *image), 0, 256)
     c = jnp.zeros((batch,))
     step = jax.jit(lambda s, x, c: jsteps.train_step(mc, opt, s, x, c, rng), donate_argnums=0)
-
-    def timed(fn, n):
-        out, times = None, []
-        for _ in range(n):
-            start = time.perf_counter()
-            out = jax.block_until_ready(fn())
-            times.append(time.perf_counter() - start)
-        return out, times
-
     holder = {"state": state}
 
     def one_step():
         holder["state"], metrics = step(holder["state"], x, c)
         return metrics["bpd"]
 
-    timed(one_step, warmup)
-    _, train_times = timed(one_step, steps)
+    jax_timed(one_step, warmup)
+    _, train_times = jax_timed(one_step, steps)
 
     params = holder["state"].params
     z = jax.random.normal(jax.random.PRNGKey(2), x.shape)
     sample_step = jax.jit(lambda p, z, i: vdm.VDM(mc).apply({"params": p}, z, i, 1000, c, z,
                                                             method=vdm.VDM.sample_step))
-    timed(lambda: sample_step(params, z, 0), warmup)
-    _, sample_times = timed(lambda: sample_step(params, z, 1), steps)
+    jax_timed(lambda: sample_step(params, z, 0), warmup)
+    _, sample_times = jax_timed(lambda: sample_step(params, z, 1), steps)
     eval_fn = jax.jit(lambda p, x: jsteps.eval_terms(mc, p, x, c, rng))
-    timed(lambda: eval_fn(params, x), warmup)
-    _, eval_times = timed(lambda: eval_fn(params, x), steps)
-
-    device = jax.devices()[0]
-    peak = device.memory_stats().get("peak_bytes_in_use") if device.platform != "cpu" else None
-    ceiling_dtype = jnp.bfloat16 if dtype == "bfloat16" else jnp.float32
-    n = 2048 if device.platform == "cpu" else 8192
-    a = jax.random.normal(jax.random.PRNGKey(3), (n, n)).astype(ceiling_dtype)
-    matmul = jax.jit(lambda a: a @ a)
-    timed(lambda: matmul(a), 2)
-    _, mm_times = timed(lambda: matmul(a), 5)
-    return dict(device=f"{device.platform}: {device.device_kind}", train=summarise(train_times),
-                sample=summarise(sample_times), eval=summarise(eval_times),
-                peak_memory_bytes=peak or peak_rss_bytes(), memory_kind="device peak" if peak else "host RSS",
-                matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), version=jax.__version__)
+    jax_timed(lambda: eval_fn(params, x), warmup)
+    _, eval_times = jax_timed(lambda: eval_fn(params, x), steps)
+    return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
+                version=jax.__version__, **jax_device_figures(dtype))
 
 
 # -------------------------------------------------------------------------------------------- torch worker
@@ -122,58 +169,42 @@ def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     x = torch.randint(0, 256, (batch, C, H, W), generator=generator, device=device)
     c = torch.zeros(batch, device=device)
 
-    def sync():
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def timed(fn, n):
-        times = []
-        for _ in range(n):
-            sync()
-            start = time.perf_counter()
-            fn()
-            sync()
-            times.append(time.perf_counter() - start)
-        return times
-
     def one_step():
         tsteps.train_step(mc, opt, state, x, c, generator=generator)
 
-    timed(one_step, warmup)
-    train_times = timed(one_step, steps)
+    torch_timed(one_step, warmup, device)
+    train_times = torch_timed(one_step, steps, device)
     z = torch.randn(x.shape, generator=generator, device=device)
     with torch.no_grad():
-        timed(lambda: state.model.sample_step(z, 0, 1000, c, z), warmup)
-        sample_times = timed(lambda: state.model.sample_step(z, 1, 1000, c, z), steps)
-    timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), warmup)
-    eval_times = timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), steps)
-
-    peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    n = 2048 if device == "cpu" else 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
-    timed(lambda: a @ a, 2)
-    mm_times = timed(lambda: a @ a, 5)
-    name = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine()
-    return dict(device=f"{device}: {name}", train=summarise(train_times), sample=summarise(sample_times),
-                eval=summarise(eval_times), peak_memory_bytes=peak or peak_rss_bytes(),
-                memory_kind="device peak" if peak else "host RSS",
-                matmul_flops_per_s=2 * n ** 3 / statistics.median(mm_times), version=torch.__version__)
+        torch_timed(lambda: state.model.sample_step(z, 0, 1000, c, z), warmup, device)
+        sample_times = torch_timed(lambda: state.model.sample_step(z, 1, 1000, c, z), steps, device)
+    torch_timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), warmup, device)
+    eval_times = torch_timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), steps, device)
+    return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
+                version=torch.__version__, **torch_device_figures(dtype, device))
 
 
 WORKERS = {"jax": jax_worker, "torch": torch_worker}
+# The upstream workers (benchmarks/upstream_workers.py): each against our backend of the same framework.
+UPSTREAM = {"official": "jax", "port": "torch"}
+UPSTREAM_RUN = ("small", "float32")     # the (size, dtype) the upstream code is timed on: their figures' config
 
 
-def run_worker(backend: str, size: str, dtype: str, steps: int, warmup: int, threads: int | None) -> dict:
-    """Runs one measurement in a fresh interpreter; returns its result with derived figures added."""
+def run_worker(backend: str, size: str, dtype: str, steps: int, warmup: int, threads: int | None,
+               checkout: str | None = None) -> dict:
+    """Runs one measurement in a fresh interpreter; returns its result with derived figures added.
+    checkout: for an upstream backend, the local checkout of its code."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), XLA_FLAGS=env.get("XLA_FLAGS", ""))
-    cmd = [sys.executable, "-m", "benchmarks.bench", "--worker", backend, "--sizes", size, "--dtypes", dtype,
-           "--steps", str(steps), "--warmup", str(warmup)]
+    module = "benchmarks.upstream_workers" if backend in UPSTREAM else "benchmarks.bench"
+    cmd = [sys.executable, "-m", module, "--worker", backend, "--sizes", size, "--dtypes", dtype,
+           "--steps", str(steps), "--warmup", str(warmup)] + (["--checkout", checkout] if checkout else [])
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         return dict(backend=backend, size=size, dtype=dtype, error=proc.stderr.strip().splitlines()[-1:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    # FLOPs from our analytic count for the same config, upstream included: the work is the same function.
     spec, mc = SIZES[size], model_for(size, dtype)
     flops = train_step_flops(mc, spec["image"], spec["batch"])
     step_s = result["train"]["median"]
@@ -212,21 +243,44 @@ def markdown(results: list[dict]) -> str:
             f"| {r['images_per_s']:.1f} | {r['sample_s_per_step']:.4f} | {r['eval_images_per_s']:.1f} "
             f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) | {r['train_step_flops'] / 1e9:.2f} "
             f"| {100 * r['utilisation']:.1f}% ({100 * r['utilisation_own_gemm']:.1f}%) | {r['device']} |")
-    ratios = []
-    for r in results:
-        other = next((o for o in results if o.get("backend") == "jax" and o["size"] == r["size"]
-                      and o["dtype"] == r["dtype"] and "error" not in o), None)
-        if r.get("backend") == "torch" and "error" not in r and other:
-            ratios.append(f"- {r['size']} {r['dtype']}: torch/JAX step time = "
-                          f"{r['train']['median'] / other['train']['median']:.2f}")
-    return "\n".join(lines + [""] + ratios) + "\n"
+    return "\n".join(lines + [""] + ratio_lines(results)) + "\n"
+
+
+def ratio_lines(results: list[dict]) -> list[str]:
+    """Median step time ratios: torch over JAX, and each of our backends over the upstream code of its
+    framework (below 1: ours is faster), plus a note on what the upstream rows cover."""
+    ok = [r for r in results if "error" not in r]
+
+    def find(backend: str, like: dict) -> dict | None:
+        return next((o for o in ok if o["backend"] == backend and o["size"] == like["size"]
+                     and o["dtype"] == like["dtype"]), None)
+
+    lines = []
+    for r in ok:
+        jax_result = find("jax", r)
+        if r["backend"] == "torch" and jax_result:
+            lines.append(f"- {r['size']} {r['dtype']}: torch/JAX step time = "
+                         f"{r['train']['median'] / jax_result['train']['median']:.2f}")
+    for r in ok:
+        ours = find(UPSTREAM[r["backend"]], r) if r["backend"] in UPSTREAM else None
+        if ours:
+            lines.append(f"- {r['size']} {r['dtype']}: {ours['backend']} / {r['backend']} step time = "
+                         f"{ours['train']['median'] / r['train']['median']:.2f} "
+                         f"({r['backend']} {r['train']['median']:.2f} s)")
+    if any(r["backend"] in UPSTREAM for r in results):
+        lines.append(f"- official (google-research/vdm) and port (addtt/variational-diffusion-models): their code "
+                     f"from local checkouts, timed on {' '.join(UPSTREAM_RUN)} only (other sizes and dtypes not "
+                     f"run); their utilisation uses our analytic FLOPs of the same config")
+    return lines
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="small,medium", help=f"comma list of {sorted(SIZES)}")
     parser.add_argument("--dtypes", default="float32,bfloat16")
-    parser.add_argument("--backends", default="jax,torch")
+    parser.add_argument("--backends", default="jax,torch", help="comma list of ours; may be empty")
+    parser.add_argument("--official", metavar="PATH", help="checkout of google-research/vdm to time beside ours")
+    parser.add_argument("--port", metavar="PATH", help="checkout of addtt/variational-diffusion-models")
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
@@ -236,18 +290,27 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.sizes, args.dtypes, args.steps, args.warmup)))
         return
+    sizes, dtypes = args.sizes.split(","), args.dtypes.split(",")
+    upstream = {name: os.path.abspath(path) for name, path in (("official", args.official), ("port", args.port))
+                if path}
+    if upstream and not (UPSTREAM_RUN[0] in sizes and UPSTREAM_RUN[1] in dtypes):
+        print(f"note: the upstream code is timed on {' '.join(UPSTREAM_RUN)} only, which this run leaves out",
+              flush=True)
     results = []
-    for size in args.sizes.split(","):
-        for dtype in args.dtypes.split(","):
-            for backend in args.backends.split(","):
-                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads))
+    for size in sizes:
+        for dtype in dtypes:
+            runs = [(backend, None) for backend in args.backends.split(",") if backend]
+            if (size, dtype) == UPSTREAM_RUN:
+                runs += list(upstream.items())
+            for backend, checkout in runs:
+                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads, checkout))
                 r = results[-1]
                 print(f"{size} {dtype} {backend}: " + (f"{r['train']['median']:.3f} s/step"
                       if "error" not in r else f"failed {r['error']}"), flush=True)
     add_utilisation(results)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
-                python=platform.python_version())
+                python=platform.python_version(), upstream_checkouts=upstream)
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
         json.dump(dict(meta=meta, results=results), fh, indent=1)
     table = markdown(results)

@@ -1,0 +1,82 @@
+"""The benchmark's report (benchmarks/bench.py) and its upstream workers (benchmarks/upstream_workers.py).
+
+The report is a pure function of the results, checked on fabricated ones. The upstream workers need
+checkouts of the upstream code, which this repository does not hold: set VDM_OFFICIAL_PATH to one of
+google-research/vdm (the folder holding vdm/model_vdm.py) and VDM_PORT_PATH to one of
+addtt/variational-diffusion-models to run them for one step each.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import bench
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def fabricated(backend: str, step_s: float, size: str = "small", dtype: str = "float32", gemm: float = 1e11):
+    """A worker result as run_worker returns it, before add_utilisation."""
+    flops = 2e9
+    return dict(backend=backend, size=size, dtype=dtype, train=dict(median=step_s, min=step_s, max=step_s, n=1),
+                images_per_s=16 / step_s, sample_s_per_step=0.01, eval_images_per_s=100.0,
+                peak_memory_bytes=2**30, memory_kind="host RSS", train_step_flops=flops,
+                achieved_flops_per_s=flops / step_s, sample_flops_per_s=1e10, matmul_flops_per_s=gemm,
+                device="cpu: test")
+
+
+def test_ratio_lines_compare_ours_with_each_upstream_backend():
+    results = [fabricated("jax", 0.45), fabricated("torch", 0.2), fabricated("official", 0.9),
+               fabricated("port", 0.5), fabricated("jax", 1.0, size="medium"),
+               fabricated("torch", 3.0, size="medium"),
+               dict(backend="torch", size="small", dtype="bfloat16", error=["RuntimeError: boom"])]
+    bench.add_utilisation(results)
+    lines = bench.ratio_lines(results)
+    assert lines[:4] == ["- small float32: torch/JAX step time = 0.44",
+                         "- medium float32: torch/JAX step time = 3.00",
+                         "- small float32: jax / official step time = 0.50 (official 0.90 s)",
+                         "- small float32: torch / port step time = 0.40 (port 0.50 s)"]
+    assert len(lines) == 5 and "small float32 only" in lines[4]
+    text = bench.markdown(results)
+    assert "| small | float32 | port | 0.500 [0.500, 0.500] |" in text
+    assert "| small | bfloat16 | torch | failed: ['RuntimeError: boom'] |" in text
+    assert text.endswith("\n".join(lines) + "\n")
+
+
+def test_ratio_lines_skip_failed_counterparts_and_note_upstream_only_when_run():
+    ours_only = [fabricated("jax", 0.5), fabricated("torch", 0.25)]
+    bench.add_utilisation(ours_only)
+    assert bench.ratio_lines(ours_only) == ["- small float32: torch/JAX step time = 0.50"]
+    failed_jax = [dict(backend="jax", size="small", dtype="float32", error=["x"]), fabricated("official", 0.9)]
+    bench.add_utilisation(failed_jax)
+    lines = bench.ratio_lines(failed_jax)
+    assert len(lines) == 1 and lines[0].startswith("- official (google-research/vdm)")
+
+
+def test_utilisation_of_upstream_rows_uses_the_fastest_gemm_of_the_run():
+    results = [fabricated("torch", 0.2, gemm=2e11), fabricated("port", 0.5, gemm=1e11)]
+    bench.add_utilisation(results)
+    port = results[1]
+    assert port["utilisation"] == pytest.approx(2e9 / 0.5 / 2e11)
+    assert port["utilisation_own_gemm"] == pytest.approx(2e9 / 0.5 / 1e11)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend, variable", [("official", "VDM_OFFICIAL_PATH"), ("port", "VDM_PORT_PATH")])
+def test_upstream_worker_times_a_step(backend, variable, tmp_path):
+    checkout = os.environ.get(variable)
+    if not checkout:
+        pytest.skip(f"set {variable} to a checkout of the upstream code")
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--backends=", f"--{backend}={checkout}", "--steps=1",
+           "--warmup=1", "--sizes=small", "--dtypes=float32", f"--out={tmp_path}"]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, text=True)
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [r["backend"] for r in results] == [backend]
+    assert "error" not in results[0], results[0].get("error")
+    assert results[0]["train"]["median"] > 0 and results[0]["sample"]["median"] > 0
+    assert results[0]["checkout"] == os.path.abspath(checkout)
