@@ -1,0 +1,38 @@
+"""SIGTERM (a preemption notice) and SIGINT (Ctrl-C): the run finishes the steps under way, saves a checkpoint
+of the current step, says so and exits with status 128 + the signal number; the next start resumes from that
+checkpoint and ends bit-identical to a run never stopped. A second signal stops at once, without saving.
+"""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+from conftest import assert_same_state, final_state, run_with_fault
+from vdm_common import run
+
+
+@pytest.mark.parametrize("backend,signame", [("jax", "SIGTERM"), ("torch", "SIGTERM"), ("torch", "SIGINT")])
+def test_signal_saves_the_current_step_and_the_run_resumes_exactly(backend, signame, tmp_path, uninterrupted):
+    workdir = tmp_path / "run"
+    # The signal arrives while the call of steps 4..6 runs (torch loads each step's batch in the call; JAX
+    # loads the next call's batches, 6..8, while it runs): that call completes, then the loop saves step 6
+    # (a step no periodic save covers: they are every 4) and stops.
+    at = {"jax": 7, "torch": 5}[backend]
+    proc = run_with_fault(backend, workdir, f"signal-at-step:{at}:{signame}")
+    assert proc.returncode == 128 + signal.Signals[signame].value, proc.stderr[-2000:]
+    assert f"received {signame}" in proc.stdout and f"stopped by {signame} at step 6" in proc.stdout
+    assert "Traceback" not in proc.stderr
+    assert run.neutral_steps(str(workdir)) == [4, 6]
+    proc = run_with_fault(backend, workdir)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from step 6" in proc.stdout
+    assert_same_state(final_state(workdir), final_state(uninterrupted(backend)))
+
+
+def test_a_second_signal_stops_at_once_without_saving(tmp_path):
+    workdir = tmp_path / "run"
+    proc = run_with_fault("torch", workdir, "signal-at-step:5:twice")
+    assert proc.returncode == -signal.SIGTERM
+    assert "received SIGTERM" in proc.stdout and "stopped by" not in proc.stdout
+    assert run.neutral_steps(str(workdir)) == [4]
