@@ -9,7 +9,7 @@ FAULT (comma-separated, each KIND:ARG):
                       the rename that would complete it)
   kill-in-eval:K      SIGKILL after the first batch of the K-th evaluation of this process
   enospc-in-write:NAME  writing a checkpoint file whose name contains NAME fails with "No space left on device"
-  nan-at-steps:A:B    the conditioning of steps A..B-1 is NaN (the loss and gradients become NaN)
+  nan-at-steps:A:B    the loss and gradients of steps A..B-1 become NaN
   none                no fault
 
 The entry script then runs as `python SCRIPT ARGS` would (its exit status is this process's).
@@ -44,15 +44,32 @@ def at_step(step: int, action) -> None:
     data.train_batch = train_batch
 
 
-def nan_at_steps(first: int, stop: int) -> None:
-    original = data.train_batch
+def nan_at_steps(first: int, stop: int, script: str) -> None:
+    """JAX: NaN conditioning (the jitted step does not look at its values). Torch, which checks its inputs
+    on the host: NaN noise eps, by noting the step whose generator the loop makes."""
+    if "jax" in script:
+        original = data.train_batch
 
-    def train_batch(dataset, seed, s, *args, **kwargs):
-        images, conditioning = original(dataset, seed, s, *args, **kwargs)
-        if first <= int(s) < stop:
-            conditioning = conditioning + float("nan")
-        return images, conditioning
-    data.train_batch = train_batch
+        def train_batch(dataset, seed, s, *args, **kwargs):
+            images, conditioning = original(dataset, seed, s, *args, **kwargs)
+            if first <= int(s) < stop:
+                conditioning = conditioning + float("nan")
+            return images, conditioning
+        data.train_batch = train_batch
+        return
+    from vdm_torch import steps
+    make_generator, draw = steps.step_generator, steps.draw_shard_noise
+    current = {"step": -1}
+
+    def step_generator(seed, step, *args, **kwargs):
+        current["step"] = int(step)
+        return make_generator(seed, step, *args, **kwargs)
+
+    def draw_shard_noise(*args, **kwargs):
+        noise, step = draw(*args, **kwargs), current["step"]
+        current["step"] = -1                       # the training step's draw; the eval's draws come without
+        return noise._replace(eps=noise.eps * float("nan")) if first <= step < stop else noise
+    steps.step_generator, steps.draw_shard_noise = step_generator, draw_shard_noise
 
 
 def in_write(name: str, action) -> None:
@@ -96,7 +113,7 @@ def send(name: str):
     return action
 
 
-def install(spec: str) -> None:
+def install(spec: str, script: str) -> None:
     for item in spec.split(","):
         kind, *args = item.split(":")
         if kind == "kill-at-step":
@@ -110,13 +127,13 @@ def install(spec: str) -> None:
         elif kind == "enospc-in-write":
             in_write(args[0], no_space)
         elif kind == "nan-at-steps":
-            nan_at_steps(int(args[0]), int(args[1]))
+            nan_at_steps(int(args[0]), int(args[1]), script)
         elif kind != "none":
             raise SystemExit(f"unknown fault {item!r}")
 
 
 if __name__ == "__main__":
-    install(sys.argv[1])
+    install(sys.argv[1], sys.argv[2])
     script = str(ROOT / sys.argv[2])
     sys.argv = [script, *sys.argv[3:]]
     runpy.run_path(script, run_name="__main__")
