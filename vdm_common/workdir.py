@@ -244,6 +244,8 @@ def workdir_lock(workdir: str | os.PathLike) -> Iterator[Path]:
     itself stays (emptied on release): removing it would let two processes lock two different files.
     """
     paths = layout(workdir)
+    if paths.root.exists() and not paths.root.is_dir():
+        raise WorkdirError(f"--workdir {paths.root} exists and is not a directory; pass a directory path")
     paths.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(paths.lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

@@ -348,10 +348,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None, profile
     profile_steps > 0: write a trace of that many steps (`Profiler`)."""
     r = _Run(config, devices)
     t, opt, mc, mesh, ds = config.training, config.optimizer, r.model_config, r.mesh, r.dataset
-    _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir")
     with contextlib.ExitStack() as stack:
-        if r.is_main:
-            stack.enter_context(workdir_lib.workdir_lock(workdir))
+        # Lock first: a run refused because another holds the workdir writes nothing.
+        _on_main_process(lambda: stack.enter_context(workdir_lib.workdir_lock(workdir)), "lock the workdir")
+        _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir")
         if r.is_main:
             run.remove_partial_writes(workdir, say=_say)
         ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep)

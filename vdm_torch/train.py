@@ -489,9 +489,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, device=None, *, compi
     r = _Run(config, device, channels_last=channels_last)
     t, opt, mc, ds = config.training, config.optimizer, r.model_config, r.dataset
     fused = fused_available(r.device, mc) if fused is None else fused
-    _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir", r.device)
     with contextlib.ExitStack() as stack:
+        # Lock first: a run refused because another holds the workdir writes nothing.
         _on_main_process(lambda: stack.enter_context(workdir_lib.workdir_lock(workdir)), "lock the workdir",
+                         r.device)
+        _on_main_process(lambda: workdir_lib.prepare_workdir(workdir, config, BACKEND), "prepare the workdir",
                          r.device)
         ckpt = Checkpointer(workdir, mc, t.checkpoints_to_keep, read_only=not r.is_main)
         stack.callback(ckpt.close)
