@@ -466,3 +466,12 @@ def test_eval_reports_the_bound_and_averages_noise_draws(cli_run_4dev):
     assert continuous["bpd_stderr"] < single["bpd_stderr"]
     assert json.loads((workdir / "eval" / "step_6_T10.json").read_text())["bpd"] == coarse["bpd"]
     assert run.format_eval(coarse).startswith("test bpd (discrete-time VLB, T=10, 8 noise draws per image)")
+
+
+def test_profile_writes_a_trace_of_the_steps_after_the_first_call(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train.main(tiny_config(), str(workdir), profile_steps=2)
+    # Calls of 2 steps: tracing starts after the first (steps 0..2, which compiles) and covers 2..4.
+    assert "profile of steps 2..4" in capsys.readouterr().out
+    traces = list((workdir / "profile").rglob("*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0

@@ -544,3 +544,14 @@ def test_speed_options_train_the_same_model(tmp_path):
         assert not any("_orig_mod" in k or k.startswith("module.") for k in saved[part]), part
     assert records(tmp_path / "fast", "eval")[0]["bpd"] == pytest.approx(records(tmp_path / "plain", "eval")[0]["bpd"],
                                                                        rel=1e-5)
+
+
+def test_profile_writes_a_trace_of_the_steps_after_the_first_call(tmp_path, capsys):
+    workdir = tmp_path / "run"
+    train.main(tiny_config(), str(workdir), device="cpu", profile_steps=2)
+    # Calls of 2 steps: tracing starts after the first (steps 0..2) and covers the next one, 2..4.
+    assert "profile of steps 2..4" in capsys.readouterr().out
+    trace = json.loads((workdir / "profile" / "trace_rank0.json").read_text())
+    names = {event.get("name") for event in trace["traceEvents"]}
+    assert "Optimizer.step#AdamW.step" in names and any("convolution" in str(n) for n in names)
+    assert "aten::" in (workdir / "profile" / "summary_rank0.txt").read_text()
