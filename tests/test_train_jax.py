@@ -475,3 +475,6 @@ def test_profile_writes_a_trace_of_the_steps_after_the_first_call(tmp_path, caps
     assert "profile of steps 2..4" in capsys.readouterr().out
     traces = list((workdir / "profile").rglob("*.xplane.pb"))
     assert len(traces) == 1 and traces[0].stat().st_size > 0
+    summary = (workdir / "profile" / "summary_rank0.txt").read_text().splitlines()
+    assert summary[0].split()[0] == "operation" and summary[-1].startswith("all operations")
+    assert float(summary[-1].split()[-1]) > 0 and len(summary) > 5

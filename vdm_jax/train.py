@@ -27,9 +27,12 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import gzip
 import json
 import math
+import re
 import time
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
@@ -317,7 +320,9 @@ def _agreed_signal(stop: interrupts.StopSignals) -> str | None:
 
 class Profiler:
     """--profile: a jax.profiler trace of about `steps` training steps into <workdir>/profile/ (TensorBoard's
-    profile plugin or Perfetto read it). Tracing starts after the first call, which compiles, and covers
+    profile plugin or Perfetto read it: plugins/profile/<time>/<host>.xplane.pb and .trace.json.gz), and
+    summary_rank<P>.txt: the compiled program's operations (XLA fusions, by kind) by time, as the torch
+    trainer's summary lists its operators. Tracing starts after the first call, which compiles, and covers
     whole calls (training.substeps steps each)."""
 
     def __init__(self, workdir: str, steps: int):
@@ -333,12 +338,38 @@ class Profiler:
         elif self.tracing and step - self.first >= self.steps:
             jax.block_until_ready(state)
             self.close()
+            traces = sorted(self.directory.glob("plugins/profile/*/*.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+            if traces:
+                summary = self.directory / f"summary_rank{jax.process_index()}.txt"
+                summary.write_text(trace_summary(traces[-1]))
             _say(f"profile of steps {self.first}..{step}: {self.directory}")
 
     def close(self) -> None:
         if self.tracing:
             jax.profiler.stop_trace()
             self.tracing = False
+
+
+def trace_summary(path, rows: int = 30) -> str:
+    """A table of a jax.profiler trace's device operations grouped by kind ('convolution.12' and
+    'convolution.40' are one row): total ms, share of the operations' time, count. Python frames ('$...')
+    and the runtime's wrappers are left out: what remains is the time inside the compiled program."""
+    events = json.loads(gzip.decompress(Path(path).read_bytes()))["traceEvents"]
+    totals: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for event in events:
+        name = event.get("name", "")
+        if event.get("ph") != "X" or name.startswith(("$", "ThunkExecutor", "PjitFunction")):
+            continue
+        kind = re.sub(r"\.\d+$", "", name)
+        totals[kind] = totals.get(kind, 0.0) + event.get("dur", 0) / 1e3
+        counts[kind] = counts.get(kind, 0) + 1
+    whole = sum(totals.values()) or 1.0
+    lines = [f"{'operation (kind)':40s} {'total ms':>10s} {'share':>7s} {'count':>7s}"]
+    for kind, ms in sorted(totals.items(), key=lambda item: -item[1])[:rows]:
+        lines.append(f"{kind[:40]:40s} {ms:10.1f} {100 * ms / whole:6.1f}% {counts[kind]:7d}")
+    lines.append(f"{'all operations':40s} {whole:10.1f}")
+    return "\n".join(lines) + "\n"
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, devices=None, profile_steps: int = 0) -> dict:
