@@ -33,6 +33,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from vdm_common.weights import ConversionError
+
 NEUTRAL_SUFFIXES = (".safetensors",)
 TORCH_SUFFIXES = (".pt", ".pth")
 JAX_SUFFIXES = (".msgpack",)
@@ -43,8 +45,8 @@ def _kind(path: Path) -> str:
     for kind, suffixes in (("neutral", NEUTRAL_SUFFIXES), ("torch", TORCH_SUFFIXES), ("jax", JAX_SUFFIXES)):
         if suffix in suffixes:
             return kind
-    raise ValueError(f"{path}: unknown file type {suffix!r}; use .safetensors (neutral), .pt / .pth (torch) "
-                     f"or .msgpack (flax parameters)")
+    raise ConversionError(f"{path}: unknown file type {suffix!r}; use .safetensors (neutral), .pt / .pth (torch) "
+                          f"or .msgpack (flax parameters)")
 
 
 def _parse(argv):
@@ -80,7 +82,7 @@ def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrit
     if dst.exists() and not overwrite:
         raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
-        raise ValueError(f"--from and --to are the same file ({src})")
+        raise ConversionError(f"--from and --to are the same file ({src})")
     model_config = model_config_of(config) if config is not None else None
 
     if src_kind == "neutral":
@@ -88,7 +90,7 @@ def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrit
         if model_config is not None and model_config != ckpt.model_config:
             diff = [f"{k}: file={v!r} config={getattr(model_config, k)!r}"
                     for k, v in ckpt.model_config.to_dict().items() if getattr(model_config, k) != v]
-            raise ValueError(f"{src}: its model config differs from --config's: {diff}")
+            raise ConversionError(f"{src}: its model config differs from --config's: {diff}")
     elif src_kind == "torch":
         from vdm_torch import convert as torch_convert
         ckpt = torch_convert.load_native(src, model_config)
@@ -131,7 +133,6 @@ def main(argv=None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
     from vdm_common.config import ConfigError, load_config
     from vdm_common.neutral import NeutralFileError
-    from vdm_common.weights import ConversionError
 
     try:
         config = load_config(args.config, overrides) if args.config else None
@@ -141,8 +142,8 @@ def main(argv=None) -> int:
             print(f"{args.src} -> {args.dst}: step {ckpt.step}")
             return 0
         ckpt = convert(Path(args.src), Path(args.dst), config, args.weights, args.overwrite)
-    except (ConversionError, NeutralFileError, ConfigError, FileExistsError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConversionError, NeutralFileError, ConfigError, ValueError, OSError) as e:
+        print(f"error: {_describe(e)}", file=sys.stderr)
         return 2
     if _kind(Path(args.dst)) == "jax":
         parts = [args.weights]
@@ -151,6 +152,14 @@ def main(argv=None) -> int:
             ([f"AdamW state (count {ckpt.opt_count})"] if ckpt.has_optimizer else [])
     print(f"{args.src} -> {args.dst}: {len(ckpt.params)} tensors each of {', '.join(parts)}; step {ckpt.step}")
     return 0
+
+
+def _describe(error: Exception) -> str:
+    """The message of an error; for an OS error on a path (--to in a folder that is a file, no permission),
+    the path and the reason."""
+    if isinstance(error, OSError) and error.strerror and error.filename:
+        return f"{error.filename}: {error.strerror}; check the --from and --to paths"
+    return str(error)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import importlib.util
 import json
 import math
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
@@ -26,6 +26,10 @@ GAMMA_TYPES = ("fixed", "learnable_scalar", "learnable_nnet", "learnable_nnet_en
 FOURIER_ORDERS = ("channel_major", "frequency_major")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
 DATASETS = ("digits", "cifar10", "cifar10_aug", "imagenet32", "npz")
+# Upper bounds far beyond any real model; above them, building even the shapes of the parameters takes
+# minutes (layers) or overflows torch's size arithmetic (channels).
+MAX_LAYERS = 1024
+MAX_WIDTH = 65536
 
 
 class ConfigError(ValueError):
@@ -116,8 +120,8 @@ def validate_model(m: ModelConfig) -> None:
         elif field.type == "str":
             _require(isinstance(value, str), f"model.{field.name}", value, "a string")
     _require(_is_int(m.vocab_size) and m.vocab_size >= 2, "model.vocab_size", m.vocab_size, "an integer >= 2")
-    _require(_is_int(m.image_channels) and m.image_channels >= 1, "model.image_channels", m.image_channels,
-             "an integer >= 1")
+    _require(_is_int(m.image_channels) and 1 <= m.image_channels <= MAX_WIDTH, "model.image_channels",
+             m.image_channels, f"an integer in [1, {MAX_WIDTH}]")
     _require(m.gamma_type in GAMMA_TYPES, "model.gamma_type", m.gamma_type, f"one of {GAMMA_TYPES}")
     _require(not m.variance_minimisation or m.gamma_type == "learnable_nnet_endpoints",
              "model.variance_minimisation", m.variance_minimisation,
@@ -129,12 +133,16 @@ def validate_model(m: ModelConfig) -> None:
              f"gamma_min must be below gamma_max ({m.gamma_max}); gamma is -log SNR and increases with t")
     _require(_is_int(m.sm_n_timesteps) and m.sm_n_timesteps >= 0, "model.sm_n_timesteps", m.sm_n_timesteps,
              "0 for the continuous-time loss or a number of steps T >= 1")
-    _require(_is_int(m.sm_n_embd) and m.sm_n_embd >= 4 and m.sm_n_embd % 2 == 0, "model.sm_n_embd",
-             m.sm_n_embd, "an even integer >= 4 (the time embedding needs at least two frequencies)")
-    _require(_is_int(m.sm_n_layer) and m.sm_n_layer >= 0, "model.sm_n_layer", m.sm_n_layer, "an integer >= 0")
+    _require(_is_int(m.sm_n_embd) and 4 <= m.sm_n_embd <= MAX_WIDTH and m.sm_n_embd % 2 == 0, "model.sm_n_embd",
+             m.sm_n_embd, f"an even integer in [4, {MAX_WIDTH}] (the time embedding needs at least two "
+                          f"frequencies)")
+    _require(_is_int(m.sm_n_layer) and 0 <= m.sm_n_layer <= MAX_LAYERS, "model.sm_n_layer", m.sm_n_layer,
+             f"an integer in [0, {MAX_LAYERS}]")
     _require(0.0 <= m.sm_pdrop < 1.0, "model.sm_pdrop", m.sm_pdrop, "a probability in [0, 1)")
-    _require(_is_int(m.fourier_start) and _is_int(m.fourier_stop) and m.fourier_start < m.fourier_stop,
-             "model.fourier_start", (m.fourier_start, m.fourier_stop), "integers with fourier_start < fourier_stop")
+    _require(_is_int(m.fourier_start) and _is_int(m.fourier_stop)
+             and m.fourier_start < m.fourier_stop <= m.fourier_start + MAX_WIDTH,
+             "model.fourier_start", (m.fourier_start, m.fourier_stop),
+             f"integers with fourier_start < fourier_stop <= fourier_start + {MAX_WIDTH}")
     _require(m.fourier_order in FOURIER_ORDERS, "model.fourier_order", m.fourier_order, f"one of {FOURIER_ORDERS}")
     _require(_is_int(m.attention_heads) and m.attention_heads >= 1 and m.sm_n_embd % m.attention_heads == 0,
              "model.attention_heads", m.attention_heads,
@@ -150,10 +158,7 @@ def validate_model(m: ModelConfig) -> None:
 
 def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Checks a whole config (all four sections); returns it unchanged or raises ConfigError."""
-    for section in ("model", "training", "optimizer", "data"):
-        if section not in config:
-            raise ConfigError(f"config.{section} is missing; a config file defines model, training, "
-                              f"optimizer and data (see configs/quickstart.py)")
+    _check_fields(config)
     ModelConfig.from_config(config.model)
     t, o, d = config.training, config.optimizer, config.data
     for name in ("num_steps_train", "batch_size_train", "batch_size_eval", "substeps", "steps_per_logging",
@@ -168,23 +173,62 @@ def validate(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
              "-1 (the bound the model trains on), 0 (continuous-time bound) or a number of steps T >= 1")
     _require(_is_int(t.eval_noise_samples) and t.eval_noise_samples >= 1, "training.eval_noise_samples",
              t.eval_noise_samples, "an integer >= 1")
+    _require(_is_int(t.max_nonfinite_steps) and t.max_nonfinite_steps >= 1, "training.max_nonfinite_steps",
+             t.max_nonfinite_steps, "an integer >= 1 (steps with a non-finite loss or gradient are skipped; the "
+             "run stops after this many in a row)")
     for name in ("steps_per_logging", "steps_per_eval", "steps_per_save"):
         _require(t[name] % t.substeps == 0, f"training.{name}", t[name],
                  f"a multiple of training.substeps ({t.substeps}): the host sees the state every substeps steps")
-    _require(float(o.learning_rate) > 0, "optimizer.learning_rate", o.learning_rate, "a positive float")
-    _require(0.0 <= o.b1 < 1.0 and 0.0 <= o.b2 < 1.0, "optimizer.b1", (o.b1, o.b2), "b1 and b2 in [0, 1)")
-    _require(float(o.eps) > 0, "optimizer.eps", o.eps, "a positive float")
-    _require(float(o.weight_decay) >= 0, "optimizer.weight_decay", o.weight_decay, "a float >= 0")
-    _require(0.0 <= o.ema_rate < 1.0, "optimizer.ema_rate", o.ema_rate, "a float in [0, 1)")
+    _require(_is_number(o.learning_rate) and o.learning_rate > 0, "optimizer.learning_rate", o.learning_rate,
+             "a finite float > 0")
+    for name in ("b1", "b2"):
+        _require(_is_number(o[name]) and 0.0 <= o[name] < 1.0, f"optimizer.{name}", o[name], "a float in [0, 1)")
+    _require(_is_number(o.eps) and o.eps > 0, "optimizer.eps", o.eps, "a finite float > 0")
+    _require(_is_number(o.weight_decay) and o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay,
+             "a finite float >= 0")
+    _require(_is_number(o.ema_rate) and 0.0 <= o.ema_rate < 1.0, "optimizer.ema_rate", o.ema_rate,
+             "a float in [0, 1)")
     _require(_is_int(o.num_steps_lr_warmup) and o.num_steps_lr_warmup >= 0, "optimizer.num_steps_lr_warmup",
              o.num_steps_lr_warmup, "an integer >= 0")
-    _require(float(o.grad_clip_norm) >= 0, "optimizer.grad_clip_norm", o.grad_clip_norm,
-             "a float >= 0 (0: no clipping)")
+    _require(_is_number(o.grad_clip_norm) and o.grad_clip_norm >= 0, "optimizer.grad_clip_norm",
+             o.grad_clip_norm, "a finite float >= 0 (0: no clipping)")
+    for name in ("data_dir", "manual_dir", "npz_path"):
+        _require(isinstance(d[name], str), f"data.{name}", d[name], "a path (a string; '' for none)")
     _require(d.dataset in DATASETS, "data.dataset", d.dataset, f"one of {DATASETS}")
     if d.dataset == "npz":
         _require(bool(d.npz_path), "data.npz_path", d.npz_path,
                  "the path of a .npz file with uint8 arrays 'train' and 'test' (N, H, W, C)")
     return config
+
+
+def _check_fields(config: Any) -> None:
+    """ConfigError unless `config` has exactly the four sections, and training, optimizer and data exactly
+    the schema's fields (the model section is checked by ModelConfig.from_config)."""
+    schema = default_training()
+    sections = ("model", *schema)
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"a config must be a ConfigDict with sections {list(sections)}, got "
+                          f"{type(config).__name__}; see configs/quickstart.py")
+    missing = [s for s in sections if s not in config]
+    if missing:
+        raise ConfigError(f"config.{missing[0]} is missing; a config file defines model, training, "
+                          f"optimizer and data (see configs/quickstart.py)")
+    unknown = sorted(set(config.keys()) - set(sections), key=str)
+    if unknown:
+        raise ConfigError(f"unknown config sections {[f'config.{u}' for u in unknown]}; the sections are "
+                          f"{list(sections)}")
+    for section, fields in schema.items():
+        node = config[section]
+        if not isinstance(node, (Mapping, ml_collections.ConfigDict)):
+            raise ConfigError(f"config.{section} must be a section of fields, got {type(node).__name__} "
+                              f"{node!r:.80}; see configs/quickstart.py")
+        unknown = sorted(set(node.keys()) - set(fields), key=str)
+        if unknown:
+            raise ConfigError(f"config.{section} has unknown fields {unknown}; known fields: {sorted(fields)}")
+        missing = sorted(set(fields) - set(node.keys()))
+        if missing:
+            raise ConfigError(f"config.{section} lacks the fields {missing}; add them (their defaults are in "
+                              f"vdm_common.config.default_training)")
 
 
 def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -195,17 +239,44 @@ def load_config(path: str, overrides: Sequence[str] = ()) -> ml_collections.Conf
     if not os.path.isfile(path):
         raise ConfigError(f"config file {path!r} does not exist; pass one of configs/*.py")
     spec = importlib.util.spec_from_file_location("_vdm_config_file", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
+    if spec is None:
+        raise ConfigError(f"config file {path!r} is not a Python file; pass one of configs/*.py (a .py file "
+                          f"with a get_config() function)")
+    try:
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        get_config = getattr(module, "get_config", None)
+        config = get_config() if callable(get_config) else None
+    except Exception as e:  # the user's own code: whatever it raises is reported, with its message
+        raise ConfigError(f"config file {path!r} failed to load: {type(e).__name__}: {e}; fix the file or pass "
+                          f"one of configs/*.py") from e
+    if not callable(get_config):
         raise ConfigError(f"config file {path!r} has no get_config() function")
-    config = module.get_config()
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path!r}: get_config() returned a {type(config).__name__}, not an "
+                          f"ml_collections.ConfigDict (see configs/quickstart.py)")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep:
             raise ConfigError(f"override {item!r} is not of the form section.field=value")
+        check_override_names([key.strip()])
         set_field(config, key.strip(), _parse_literal(raw.strip()))
     return validate(config)
+
+
+def check_override_names(names: Iterable[str]) -> None:
+    """ConfigError for the first `section.field` the schema lacks. The entry scripts check their
+    --config.section.field=value names with it before ml_collections parses them (which raises a bare
+    KeyError for a field the config lacks)."""
+    schema = dict(model=ModelConfig().to_dict(), **default_training())
+    for name in names:
+        section, _, field = name.partition(".")
+        if section not in schema:
+            raise ConfigError(f"override config.{name}: there is no section {section!r}; the sections are "
+                              f"{list(schema)}")
+        if field not in schema[section]:
+            what = f"unknown field {field!r}" if field else "a whole section; override its fields one by one"
+            raise ConfigError(f"override config.{name}: {what}; known: {sorted(schema[section])}")
 
 
 def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> None:
@@ -213,19 +284,27 @@ def set_field(config: ml_collections.ConfigDict, dotted: str, value: Any) -> Non
     *parents, leaf = dotted.split(".")
     node = config
     for part in parents:
-        if part not in node:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
             raise ConfigError(f"override config.{dotted}: there is no section {part!r}")
         node = node[part]
+    if not isinstance(node, ml_collections.ConfigDict):
+        raise ConfigError(f"override config.{dotted}: config.{dotted.rpartition('.')[0]} is a field, not a "
+                          f"section; write section.field=value")
     if leaf not in node:
         raise ConfigError(f"override config.{dotted}: unknown field {leaf!r}; known: {sorted(node.keys())}")
     old = node[leaf]
+    if isinstance(old, ml_collections.ConfigDict):
+        raise ConfigError(f"override config.{dotted}: that is a whole section; override its fields one by one "
+                          f"(config.{dotted}.FIELD=value)")
     if isinstance(old, float) and _is_int(value):
         value = float(value)
     try:
         node[leaf] = value
-    except TypeError as err:
-        raise ConfigError(f"override config.{dotted} = {value!r}: expected a {type(old).__name__} "
-                          f"like the current value {old!r}") from err
+    except (TypeError, ValueError) as err:  # ConfigDict's type check; ValueError: a dict value with dotted keys
+        expected = {bool: "True or False", int: "an integer", float: "a number", str: "a string"}.get(
+            type(old), f"a {type(old).__name__}")
+        raise ConfigError(f"override config.{dotted} = {value!r}: expected {expected} like the current value "
+                          f"{old!r}") from err
 
 
 def _parse_literal(raw: str) -> Any:
@@ -234,7 +313,7 @@ def _parse_literal(raw: str) -> Any:
         return raw.lower() == "true"
     try:
         return ast.literal_eval(raw)
-    except (ValueError, SyntaxError):
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):  # e.g. '{[]: 1}' is a TypeError
         return raw
 
 
@@ -262,6 +341,7 @@ def default_training() -> dict:
             eval_noise_samples=1,         # noise draws (t, eps) per test image, averaged per image
             sample_steps=1000,            # T of the ancestral sampler
             num_samples=64,
+            max_nonfinite_steps=5,        # stop after this many skipped (non-finite) steps in a row
         ),
         optimizer=dict(
             learning_rate=2e-4,
@@ -280,13 +360,35 @@ def default_training() -> dict:
 def with_defaults(tree: dict) -> dict:
     """A stored config (nested dict) with the fields added to the schema since it was written set to their
     defaults, so run directories of earlier versions keep working. Unknown fields are kept (and refused by
-    validation)."""
+    validation); a tree that is not {section: {field: value}} is refused here, naming the section."""
     base = dict(default_training(), model=ModelConfig().to_dict())
+    if not isinstance(tree, dict):
+        raise ConfigError(f"the run's config.json must hold a JSON object of sections {sorted(base)}, got "
+                          f"{type(tree).__name__} {tree!r:.80}; restore it, or use a new --workdir")
+    for name, values in tree.items():
+        if not isinstance(values, dict):
+            raise ConfigError(f"config.json: section {name!r} must be an object of fields, got "
+                              f"{type(values).__name__} {values!r:.80}; restore it, or use a new --workdir")
+        dotted = _dotted_key(values, f"config.{name}.")
+        if "." in name or dotted:
+            raise ConfigError(f"config.json: {dotted or 'config.' + name} has a dot in a name; fields are plain "
+                              f"names (restore the file, or use a new --workdir)")
     out = {name: dict(values) for name, values in tree.items()}
     for section, defaults in base.items():
         if isinstance(out.get(section), dict):
             out[section] = {**defaults, **out[section]}
     return out
+
+
+def _dotted_key(tree: dict, prefix: str) -> str | None:
+    """The first key (as a dotted path) of a nested dict that holds a dot, which ConfigDict refuses."""
+    for key, value in tree.items():
+        if "." in key:
+            return f"{prefix}{key}"
+        found = _dotted_key(value, f"{prefix}{key}.") if isinstance(value, dict) else None
+        if found:
+            return found
+    return None
 
 
 def make_config(model: dict, **sections: dict) -> ml_collections.ConfigDict:

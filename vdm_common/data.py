@@ -94,6 +94,8 @@ def load_dataset(data_config: Any) -> Dataset:
     Raises DataError, naming the path and the fix, when the data is missing, corrupt or cannot be prepared.
     """
     name = data_config.dataset
+    if not isinstance(name, str) or name not in DATASETS:
+        raise DataError(f"config.data.dataset = {name!r} is not a known data set; use one of {DATASETS}")
     if name == "digits":
         return _load_digits()
     if name in _TFDS_SOURCES:
@@ -101,9 +103,7 @@ def load_dataset(data_config: Any) -> Dataset:
         train, test = _load_tfds(tfds_name, (train_split, test_split), data_config.data_dir,
                                  data_config.manual_dir)
         return Dataset(train=train, test=test, vocab_size=256, name=name, augment=name == "cifar10_aug")
-    if name == "npz":
-        return _load_npz(data_config.npz_path)
-    raise DataError(f"config.data.dataset = {name!r} is not a known data set; use one of {DATASETS}")
+    return _load_npz(data_config.npz_path)      # name == "npz"
 
 
 def _load_digits() -> Dataset:
@@ -123,8 +123,10 @@ def _load_digits() -> Dataset:
 def _load_npz(path: str) -> Dataset:
     """A user's .npz file: uint8 `train` and `test` (N, H, W, C) or (N, H, W); optional scalar `vocab_size`."""
     fix = "write it with np.savez(path, train=train_uint8_nhwc, test=test_uint8_nhwc)"
-    if not path or not os.path.isfile(path):
-        raise DataError(f"npz file {path!r} does not exist; set config.data.npz_path to a .npz file with uint8 "
+    if not isinstance(path, (str, os.PathLike)) or not os.path.isfile(path):
+        problem = "is a directory" if isinstance(path, (str, os.PathLike)) and os.path.isdir(path) else \
+            "does not exist"
+        raise DataError(f"npz file {path!r} {problem}; set config.data.npz_path to a .npz file with uint8 "
                         f"arrays 'train' and 'test' (N, H, W, C): {fix}")
     try:
         with np.load(path, allow_pickle=False) as contents:
@@ -149,9 +151,9 @@ def _load_npz(path: str) -> Dataset:
                             f"in [0, vocab_size); convert with np.clip(x, 0, 255).astype(np.uint8) and rewrite it")
         if array.ndim == 3:
             array = array[..., None]      # (N, H, W) -> (N, H, W, 1)
-        if array.ndim != 4 or not len(array):
+        if array.ndim != 4 or not array.size:
             raise DataError(f"npz file {path!r}: '{key}' has shape {arrays[key].shape}, expected a non-empty "
-                            f"(N, H, W, C) or (N, H, W) array")
+                            f"(N, H, W, C) or (N, H, W) array (every size >= 1)")
         if int(array.max()) >= vocab_size:
             raise DataError(f"npz file {path!r}: '{key}' holds the value {int(array.max())}, outside "
                             f"[0, vocab_size = {vocab_size}); store a larger 'vocab_size' or fix the pixels")

@@ -148,6 +148,8 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
             from None
     except IsADirectoryError:
         raise NeutralFileError(f"{path} is a directory; pass the path of a neutral .safetensors file") from None
+    except NeutralFileError:
+        raise
     except (ValueError, RecursionError) as e:  # UnicodeDecodeError, JSONDecodeError, or nesting too deep
         raise NeutralFileError(f"{path} is not a safetensors file (its header is not JSON: {e})") from None
     if not isinstance(header, dict):

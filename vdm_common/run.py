@@ -198,6 +198,12 @@ def neutral_steps(workdir: str) -> list[int]:
     return sorted(int(m.group(1)) for m in map(_STEP_FILE.match, (p.name for p in folder.iterdir())) if m)
 
 
+def config_differences(stored, current) -> list[str]:
+    """'field: checkpoint=X run=Y' for each field where two ModelConfigs differ."""
+    return [f"{name}: checkpoint={value!r} run={getattr(current, name)!r}"
+            for name, value in stored.to_dict().items() if getattr(current, name) != value]
+
+
 def checkpoint_candidates(workdir: str, native_steps: list[int], native: str) -> list[tuple[int, str]]:
     """Every checkpoint of a run as (step, native | 'neutral'), newest first; at one step the native one
     comes first, its neutral export second (a neutral export newer than every native step comes from the

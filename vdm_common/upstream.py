@@ -43,6 +43,7 @@ tensor with the file it came from.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -126,13 +127,14 @@ def describe_official_tree(flat: Mapping[str, np.ndarray]) -> str:
     try:
         c_in, E = np.shape(flat["score_model/conv_in/kernel"])[2:]
         C = np.shape(flat["score_model/conv_out/kernel"])[3]
-    except (KeyError, ValueError):
-        return "(the tree has no score_model/conv_in or conv_out kernel: not a VDM parameter tree)"
+        n_freq = (c_in // C - 1) // 2
+    except (KeyError, ValueError, IndexError, ZeroDivisionError):
+        return "(the tree has no 4-D score_model/conv_in and conv_out kernels: not a VDM parameter tree)"
     n_layer = sum(1 for k in flat if re.fullmatch(r"score_model/down\.block_\d+/conv1/kernel", k))
     attention = any(k.startswith("score_model/down.attn_") for k in flat)
     gamma = ("learnable_scalar" if "gamma/w" in flat else "learnable_nnet" if "gamma/l1/kernel" in flat
              else "fixed")
-    fourier = "with_fourier_features=False" if c_in == C else f"{(c_in // C - 1) // 2} Fourier frequencies"
+    fourier = "with_fourier_features=False" if c_in == C else f"{n_freq} Fourier frequencies"
     return (f"sm_n_embd={E}, sm_n_layer={n_layer}, image_channels={C}, with_attention={attention}, "
             f"gamma_type={gamma!r}, {fourier}")
 
@@ -205,6 +207,46 @@ def _as_float32(flat: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
             raise UpstreamError(f"{source}: tensor {key} has dtype {arr.dtype}, expected floating point")
         out[key] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
     return out
+
+
+def _count(value: Any, what: str, source: str) -> int:
+    """An update count stored as an int, or a one-element integral array or tensor (torch AdamW: float32)."""
+    try:
+        number = np.asarray(_to_numpy(value)).reshape(-1)
+        if number.size == 1 and number.dtype.kind in "iuf" and float(number[0]).is_integer() and number[0] >= 0:
+            return int(number[0])
+    except (TypeError, ValueError, RuntimeError, OverflowError):
+        pass
+    raise UpstreamError(f"{source}: {what} = {value!r:.80} is not a count (an integer >= 0); the file is damaged "
+                        f"or not an upstream checkpoint")
+
+
+def _tensor_dict(obj: Any, source: str, what: str) -> dict[str, np.ndarray]:
+    """{name: numeric numpy array} of a state dict read from a file; UpstreamError for anything else."""
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise UpstreamError(f"{source} {what} is not a state dict of named tensors (it is a {type(obj).__name__})")
+    out = {}
+    for key, value in obj.items():
+        try:
+            array = np.asarray(_to_numpy(value))
+        except (TypeError, ValueError, RuntimeError):    # ragged lists and the like
+            array = None
+        if array is None or array.dtype.kind not in "biuf":
+            raise UpstreamError(f"{source} {what}: {key} is not a numeric tensor ({type(value).__name__} "
+                                f"{value!r:.60})")
+        out[key] = array
+    return out
+
+
+def _official_tensors(tree: Any, source: str, what: str) -> dict[str, np.ndarray]:
+    """The flat tensors of a parameter tree of an official checkpoint ({} when it is not a tree)."""
+    if not isinstance(tree, dict):
+        return {}
+    try:
+        return flatten_tree(tree)
+    except (TypeError, ValueError) as err:
+        raise UpstreamError(f"{source} {what} holds a leaf that is not an array ({err}); the file is damaged") \
+            from err
 
 
 # ------------------------------------------------------------------------------ the official clu format
@@ -301,7 +343,11 @@ def read_flax_msgpack(path) -> dict:
                             f"the file is truncated, corrupt or of another format") from err
     if not isinstance(tree, dict):
         raise UpstreamError(f"{path} holds a msgpack {type(tree).__name__}, not the state dict of a TrainState")
-    return _unchunk(tree)
+    try:
+        return _unchunk(tree)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise UpstreamError(f"{path}: a chunked array (over 2 GiB, stored in parts) is damaged ({type(err).__name__}: "
+                            f"{err}); the file is truncated or corrupt") from err
 
 
 def _unchunk(node):
@@ -349,25 +395,28 @@ def official_state_to_import(state: Mapping, config, source: str, notes: list | 
     config = full_config(config)
     mc = ModelConfig.from_config(config.model)
     report = list(notes or [])
-    unexpected_top = sorted(set(state) - _OFFICIAL_TOP)
+    unexpected_top = sorted(set(state) - _OFFICIAL_TOP, key=str)
     missing_top = sorted({"step", "params", "ema_params"} - set(state))
     if unexpected_top or missing_top:
-        raise UpstreamError(f"{source} is not an official VDM TrainState: top-level entries {sorted(state)}; "
+        raise UpstreamError(f"{source} is not an official VDM TrainState: top-level entries {sorted(state, key=str)}; "
                             f"expected {sorted(_OFFICIAL_TOP)}"
                             + (f" (missing {missing_top})" if missing_top else "")
                             + (f" (unexpected {unexpected_top})" if unexpected_top else ""))
     expected = model_param_shapes(mc)
-    params = flatten_tree(state["params"]) if isinstance(state["params"], dict) else {}
-    ema = flatten_tree(state["ema_params"]) if isinstance(state["ema_params"], dict) else {}
+    params = _official_tensors(state["params"], source, "params")
+    ema = _official_tensors(state["ema_params"], source, "ema_params")
     _check_or_hint(params, expected, f"{source} params", mc)
     _check_or_hint(ema, expected, f"{source} ema_params", mc)
-    step = int(np.asarray(state["step"]))
+    step = _count(state["step"], "step", source)
     report.append(f"read {source}: step {step}, {len(params)} parameter tensors "
                   f"({sum(int(np.prod(s)) for s in expected.values()):,} numbers), EMA parameters")
 
     opt_mu = opt_nu = None
     opt_count = 0
     opt_state = state.get("opt_state")
+    if opt_state is not None and not isinstance(opt_state, dict):
+        raise UpstreamError(f"{source}: opt_state is a {type(opt_state).__name__}, not the optax state of a "
+                            f"TrainState; the file is damaged or not an official checkpoint")
     if opt_state:
         found = _find_adam_state(opt_state)
         leaves = _leaves(opt_state)
@@ -380,14 +429,14 @@ def official_state_to_import(state: Mapping, config, source: str, notes: list | 
             raise UpstreamError(f"{source}: opt_state holds tensors besides the Adam moments that this import "
                                 f"would drop: {others[:20]}; the official optimizer (AdamW with the bias mask, "
                                 f"optionally after clipping) keeps only count, mu and nu")
-        extra_adam = sorted(set(adam) - {"count", "mu", "nu"})
+        extra_adam = sorted(set(adam) - {"count", "mu", "nu"}, key=str)
         if extra_adam:
             raise UpstreamError(f"{source}: opt_state/{adam_path} has unexpected entries {extra_adam}")
-        opt_mu = flatten_tree(adam["mu"]) if isinstance(adam["mu"], dict) else {}
-        opt_nu = flatten_tree(adam["nu"]) if isinstance(adam["nu"], dict) else {}
+        opt_mu = _official_tensors(adam["mu"], source, f"opt_state/{adam_path}/mu")
+        opt_nu = _official_tensors(adam["nu"], source, f"opt_state/{adam_path}/nu")
         _check_or_hint(opt_mu, expected, f"{source} opt_state/{adam_path}/mu", mc)
         _check_or_hint(opt_nu, expected, f"{source} opt_state/{adam_path}/nu", mc)
-        opt_count = int(np.asarray(adam["count"]))
+        opt_count = _count(adam["count"], f"opt_state/{adam_path}/count", source)
         opt_mu, opt_nu = _as_float32(opt_mu, source), _as_float32(opt_nu, source)
         report.append(f"AdamW moments (opt_state/{adam_path}), update count {opt_count}")
     else:
@@ -448,7 +497,7 @@ PORT_EMA_RATE = 0.9999
 def _port_int(cfg: dict, field: str, source: str) -> int:
     value = cfg[field]
     # The port's TrainConfig types embedding_dim as float; its CLI stores ints. Accept integral floats.
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) != int(value):
+    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
         raise UpstreamError(f"{source}: {field} = {value!r} must be {PORT_CONFIG_FIELDS[field]}")
     return int(value)
 
@@ -461,7 +510,7 @@ def _port_bool(cfg: dict, field: str, source: str) -> bool:
 
 def _port_float(cfg: dict, field: str, source: str) -> float:
     value = cfg[field]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UpstreamError(f"{source}: {field} = {value!r} must be {PORT_CONFIG_FIELDS[field]}")
     return float(value)
 
@@ -472,14 +521,14 @@ def check_port_config(cfg: Any, source: str) -> dict:
         raise UpstreamError(f"{source} holds a YAML {type(cfg).__name__}, not the port's TrainConfig mapping "
                             f"(fields {sorted(PORT_CONFIG_FIELDS)})")
     missing = sorted(set(PORT_CONFIG_FIELDS) - set(cfg))
-    unknown = sorted(set(cfg) - set(PORT_CONFIG_FIELDS))
+    unknown = sorted(set(cfg) - set(PORT_CONFIG_FIELDS), key=str)
     if missing or unknown:
         raise UpstreamError(f"{source} is not the PyTorch port's config.yaml: "
                             + (f"missing fields {missing}" if missing else "")
                             + ("; " if missing and unknown else "")
                             + (f"unknown fields {unknown}" if unknown else "")
                             + f". Its TrainConfig has exactly {sorted(PORT_CONFIG_FIELDS)}.")
-    if cfg["noise_schedule"] not in PORT_SCHEDULES:
+    if not isinstance(cfg["noise_schedule"], str) or cfg["noise_schedule"] not in PORT_SCHEDULES:
         raise UpstreamError(f"{source}: noise_schedule = {cfg['noise_schedule']!r} must be "
                             f"{PORT_CONFIG_FIELDS['noise_schedule']}")
     for f in ("embedding_dim", "n_blocks", "n_attention_heads", "norm_groups", "input_channels", "batch_size"):
@@ -531,10 +580,14 @@ def port_full_config(cfg: dict, source: str = "config.yaml", base=None):
     `port_config_sections`, or of `base` (a full ConfigDict) when given."""
     mc = port_model_config(cfg, source)
     if base is None:
-        return validate(make_config(mc.to_dict(), **port_config_sections(cfg)))
-    config = ml_collections.ConfigDict(base.to_dict())
-    config.model = ml_collections.ConfigDict(mc.to_dict())
-    return validate(config)
+        config = make_config(mc.to_dict(), **port_config_sections(cfg))
+    else:
+        config = ml_collections.ConfigDict(base.to_dict())
+        config.model = ml_collections.ConfigDict(mc.to_dict())
+    try:
+        return validate(config)
+    except ConfigError as err:
+        raise UpstreamError(f"{source}: the port's training settings map to an unusable config: {err}") from err
 
 
 def full_config(config) -> ml_collections.ConfigDict:
@@ -777,7 +830,7 @@ def read_port_config(path) -> dict:
     path = Path(path)
     try:
         cfg = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
+    except (yaml.YAMLError, ValueError, RecursionError) as err:  # ValueError: undecodable bytes, bad dates
         raise UpstreamError(f"{path} is not valid YAML ({err})") from err
     return check_port_config(cfg, str(path))
 
@@ -786,18 +839,18 @@ def port_checkpoint_to_import(ckpt: Any, cfg: dict, source: str, config_source: 
                               base_config=None) -> UpstreamImport:
     """The dict a port run saves ({step, model, opt, ema}) -> UpstreamImport, strictly checked."""
     if not isinstance(ckpt, dict) or "model" not in ckpt:
-        keys = sorted(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+        keys = sorted(ckpt, key=str)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise UpstreamError(f"{source} is not a PyTorch-port checkpoint: it holds {keys}; the port saves a "
                             f"dict with 'step', 'model', 'opt' and 'ema'")
-    unexpected = sorted(set(ckpt) - {"step", "model", "opt", "ema"})
+    unexpected = sorted(set(ckpt) - {"step", "model", "opt", "ema"}, key=str)
     if unexpected:
         raise UpstreamError(f"{source}: unexpected top-level entries {unexpected}; the port saves 'step', "
                             f"'model', 'opt' and 'ema'")
     config = port_full_config(cfg, config_source, base_config)
     report = [f"read {source} with {config_source}"]
-    model_np = {k: _to_numpy(v) for k, v in ckpt["model"].items()}
+    model_np = _tensor_dict(ckpt["model"], source, "['model']")
     params = port_tensors_to_neutral(model_np, cfg, source, "['model']")
-    step = int(ckpt.get("step", 0))
+    step = _count(ckpt.get("step", 0), "step", source)
     report.append(f"step {step}, {len(model_np)} port tensors -> {len(params)} parameters "
                   f"(net2 index {3 if float(cfg['dropout_prob']) > 0 else 2}, "
                   f"{int(cfg['n_attention_heads'])} attention head(s))")
@@ -811,10 +864,10 @@ def port_checkpoint_to_import(ckpt: Any, cfg: dict, source: str, config_source: 
 def _port_ema(ema, model_np: dict, cfg: dict, source: str, report: list) -> dict | None:
     """The EMA weights (ema_pytorch's `ema_model.` entries) in neutral form; its `online_model.` copy must
     equal `model`, and `initted` / `step` are its counters."""
-    if not ema:
+    if ema is None or isinstance(ema, Mapping) and not ema:
         report.append("no EMA state in the file")
         return None
-    ema = strip_wrapper_prefixes(ema)
+    ema = strip_wrapper_prefixes(_tensor_dict(ema, source, "['ema']"))
     ema_model = {k[len("ema_model."):]: _to_numpy(v) for k, v in ema.items() if k.startswith("ema_model.")}
     online = {k[len("online_model."):]: _to_numpy(v) for k, v in ema.items() if k.startswith("online_model.")}
     counters = {k: v for k, v in ema.items() if k in ("initted", "step")}
@@ -833,7 +886,7 @@ def _port_ema(ema, model_np: dict, cfg: dict, source: str, report: list) -> dict
             raise UpstreamError(f"{source}: ['ema'] online_model.* differs from ['model'] at {differ[:10]}; the "
                                 f"file mixes two runs")
     ema_params = port_tensors_to_neutral(ema_model, cfg, source, "['ema'] ema_model.*")
-    ema_step = int(np.asarray(_to_numpy(counters["step"])).reshape(-1)[0]) if "step" in counters else None
+    ema_step = _count(counters["step"], "['ema'] step", source) if "step" in counters else None
     report.append(f"EMA weights from ['ema'] (ema_pytorch, {ema_step} updates)" if ema_step is not None
                   else "EMA weights from ['ema']")
     return ema_params
@@ -841,13 +894,21 @@ def _port_ema(ema, model_np: dict, cfg: dict, source: str, report: list) -> dict
 
 def _port_adam(opt, cfg: dict, source: str, report: list):
     """torch AdamW's exp_avg / exp_avg_sq in neutral form, matched to parameters by their order."""
-    if not opt or not opt.get("state"):
+    state = opt.get("state") if isinstance(opt, Mapping) else None
+    if opt is None or isinstance(opt, Mapping) and (state is None or isinstance(state, Mapping) and not state):
         report.append("no optimizer moments: training continues with fresh AdamW moments")
         return None, None, 0
-    if set(opt) != {"state", "param_groups"}:
-        raise UpstreamError(f"{source} ['opt'] is not a torch optimizer state_dict: keys {sorted(opt)}")
+    groups = opt.get("param_groups") if isinstance(opt, Mapping) else None
+    well_formed = (isinstance(opt, Mapping) and set(opt) == {"state", "param_groups"} and isinstance(state, Mapping)
+                   and isinstance(groups, list)
+                   and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                           and all(isinstance(i, int) for i in g["params"]) for g in groups))
+    if not well_formed:
+        keys = sorted(opt, key=str) if isinstance(opt, Mapping) else type(opt).__name__
+        raise UpstreamError(f"{source} ['opt'] is not a torch optimizer state_dict ({{'state': {{id: moments}}, "
+                            f"'param_groups': [{{'params': [ids], ...}}]}}; it holds {keys})")
     layout = port_param_layout(cfg)
-    ids = [i for group in opt["param_groups"] for i in group["params"]]
+    ids = [i for group in groups for i in group["params"]]
     if len(ids) != len(layout):
         raise UpstreamError(f"{source} ['opt'] covers {len(ids)} parameters, the model has {len(layout)}; the "
                             f"optimizer belongs to another model")
@@ -857,16 +918,16 @@ def _port_adam(opt, cfg: dict, source: str, report: list):
         raise UpstreamError(f"{source} ['opt'] has no Adam state for {len(missing)} parameters "
                             f"({missing[:5]}...); cannot continue its optimizer")
     for group in opt["param_groups"]:
-        if group.get("amsgrad"):
+        if group.get("amsgrad") is True:
             raise UpstreamError(f"{source} ['opt'] used AMSGrad, which this library's AdamW does not have")
     mu, nu, steps = {}, {}, set()
     for n, i in enumerate(ids):
-        entry = opt["state"][i]
-        extra = sorted(set(entry) - {"step", "exp_avg", "exp_avg_sq"})
-        if extra:
-            raise UpstreamError(f"{source} ['opt'] state of {names[n]} has unexpected entries {extra}")
-        mu[names[n]], nu[names[n]] = _to_numpy(entry["exp_avg"]), _to_numpy(entry["exp_avg_sq"])
-        steps.add(int(np.asarray(_to_numpy(entry["step"]))))
+        entry = _tensor_dict(opt["state"][i], source, f"['opt'] state of {names[n]}")
+        if set(entry) != {"step", "exp_avg", "exp_avg_sq"}:
+            raise UpstreamError(f"{source} ['opt'] state of {names[n]} holds {sorted(entry)}; torch AdamW keeps "
+                                f"step, exp_avg and exp_avg_sq")
+        mu[names[n]], nu[names[n]] = entry["exp_avg"], entry["exp_avg_sq"]
+        steps.add(_count(entry["step"], f"['opt'] step of {names[n]}", source))
     if len(steps) != 1:
         raise UpstreamError(f"{source} ['opt'] parameters are at different Adam steps {sorted(steps)[:5]}")
     count = steps.pop()

@@ -182,7 +182,7 @@ def _config_tree(config: ml_collections.ConfigDict | dict) -> dict:
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:           # ValueError: JSON syntax, or bytes that are not UTF-8
         raise WorkdirError(f"cannot read {path}: {e}; restore or remove it, or use a new --workdir") from e
 
 

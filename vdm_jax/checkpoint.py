@@ -174,7 +174,8 @@ class Checkpointer:
         except (neutral.NeutralFileError, convert.ConversionError) as e:
             raise DamagedCheckpointError(f"cannot restore step {step} from {path}: {e}") from e
         if ckpt.model_config != self.model_config:
-            raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
+            raise CheckpointError(f"{path} holds a model config different from this run's: "
+                                  f"{run.config_differences(ckpt.model_config, self.model_config)}")
         try:
             state = convert.state_from_neutral(ckpt, opt_config,
                                                fresh_optimizer=fresh_optimizer and not ckpt.has_optimizer)

@@ -153,14 +153,23 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
         raise ConversionError(f"{path}: a msgpack parameter file holds no model config; pass one "
                               f"(convert.py --config=CONFIG)")
     try:
-        tree = flax.serialization.msgpack_restore(path.read_bytes())
+        contents = path.read_bytes()
     except FileNotFoundError:
         raise ConversionError(f"{path} does not exist") from None
+    except OSError as e:
+        raise ConversionError(f"{path} cannot be read: {e.strerror}") from None
+    try:
+        tree = flax.serialization.msgpack_restore(contents)
     except Exception as e:  # msgpack raises several unrelated exception types on garbage
-        raise ConversionError(f"{path} is not a flax msgpack file ({type(e).__name__}: {e})") from None
+        hint = "; it is a zip archive (a torch .pt file?): give it the .pt extension" if contents[:2] == b"PK" else ""
+        raise ConversionError(f"{path} is not a flax msgpack file ({type(e).__name__}: {e}){hint}") from None
     if not isinstance(tree, dict):
         raise ConversionError(f"{path} does not hold a parameter tree (got {type(tree).__name__})")
-    flat = params_to_neutral(tree)
+    try:
+        flat = params_to_neutral(tree)
+    except (TypeError, ValueError, AttributeError) as e:  # {'params': 0}, ragged lists, undecodable bytes
+        raise ConversionError(f"{path} does not hold a tree of arrays ({type(e).__name__}: {e}); it is not a "
+                              f"flax parameter file") from None
     params_from_neutral(flat, model_config, str(path))  # strict check only
     return NeutralCheckpoint(model_config=model_config, params=flat, extra={"source": str(path)})
 

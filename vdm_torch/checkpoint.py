@@ -197,9 +197,8 @@ class Checkpointer:
         except (KeyError, TypeError, ConfigError) as e:
             raise DamagedCheckpointError(f"{path} holds no valid model_config ({e}). {hint}") from None
         if stored != self.model_config:
-            diff = [f"{k}: checkpoint={v!r} run={getattr(self.model_config, k)!r}"
-                    for k, v in stored.to_dict().items() if getattr(self.model_config, k) != v]
-            raise CheckpointError(f"{path} holds a model config different from this run's: {diff}")
+            raise CheckpointError(f"{path} holds a model config different from this run's: "
+                                  f"{run.config_differences(stored, self.model_config)}")
         try:
             with torch.random.fork_rng(devices=[]):   # the throw-away init must not move the caller's RNG
                 model, ema = VDM(self.model_config), VDM(self.model_config)
@@ -237,7 +236,8 @@ class Checkpointer:
         except (neutral.NeutralFileError, ConversionError) as e:
             raise DamagedCheckpointError(f"cannot restore step {step} from {path}: {e}") from e
         if ckpt.model_config != self.model_config:
-            raise CheckpointError(f"{path} holds a model config different from this run's: {ckpt.model_config}")
+            raise CheckpointError(f"{path} holds a model config different from this run's: "
+                                  f"{run.config_differences(ckpt.model_config, self.model_config)}")
         if ckpt.step != step:
             raise DamagedCheckpointError(f"{path} holds step {ckpt.step}, not {step}")
         try:

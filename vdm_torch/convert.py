@@ -212,8 +212,8 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
     except FileNotFoundError:
         raise ConversionError(f"{path} does not exist") from None
     except Exception as e:  # pickle / zip errors of many kinds
-        raise ConversionError(f"{path} is not a torch file that torch.load(weights_only=True) reads "
-                              f"({type(e).__name__}: {e})") from None
+        raise ConversionError(f"{path} is not a torch file that torch.load(weights_only=True) reads: "
+                              f"{_unreadable(path, e)}") from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or a state_dict")
     if "model" not in obj:
@@ -241,13 +241,31 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
             mu, nu, count = _named_adam_state(state)
         except ConversionError as e:
             raise ConversionError(f"{path}: {e}") from None
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError) as e:
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError, RuntimeError, OverflowError) as e:
             # load_state_dict and the per-parameter reads trust the saved structure; a damaged one fails anywhere
             raise ConversionError(f"{path}: the optimizer state does not fit vdm_torch.steps.make_optimizer's "
                                   f"AdamW for this model ({type(e).__name__}: {e})") from None
         ckpt.opt_mu, ckpt.opt_nu, ckpt.opt_count = torch_layout_to_neutral(mu), torch_layout_to_neutral(nu), count
     ckpt.validate(str(path))
     return ckpt
+
+
+def _unreadable(path: Path, error: Exception) -> str:
+    """Why torch.load refused a file, in the user's terms: the other kind of file it looks like, else the
+    first line of torch's reason."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:                                      # a directory, no permission: torch's reason says it
+        head = b""
+    if len(head) == 9 and head[8:] == b"{":             # safetensors: an 8-byte header length, then JSON
+        return "it is a safetensors file; give it the .safetensors extension"
+    if head and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):   # a msgpack map (pickles start 0x80)
+        return "it looks like a flax msgpack file; give it the .msgpack extension (and pass --config)"
+    reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    if reason.startswith("Weights only load failed"):
+        reason = "it holds objects other than tensors, numbers, strings and containers"
+    return f"{reason} (the file is truncated, corrupt or not written by torch.save)"
 
 
 def _read_state_dict(path: Path, obj: Mapping, key: str, model_config: ModelConfig) -> dict[str, np.ndarray]:
