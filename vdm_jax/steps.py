@@ -108,12 +108,17 @@ def train_step(model_config: ModelConfig, opt: ml_collections.ConfigDict, state:
     grads, parts = jax.grad(loss_fn, has_aux=True)(state.params, model_config, images, conditioning, noise,
                                                     dropout_rng, deterministic)
     grad_norm = optax.tree.norm(grads)
-    updates, opt_state = make_optimizer(opt).update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - opt.ema_rate) * (p - e), state.ema_params, params)
+
+    def apply(_):
+        updates, opt_state = make_optimizer(opt).update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema = jax.tree_util.tree_map(lambda e, p: e + (1.0 - opt.ema_rate) * (p - e), state.ema_params, params)
+        return params, ema, opt_state
+
+    # A cond, not a where over the three trees: as fast as the update alone (a where costs 2% on the CPU).
     finite = jnp.isfinite(parts["bpd"]) & jnp.isfinite(grad_norm)
-    applied, kept = (params, ema, opt_state), (state.params, state.ema_params, state.opt_state)
-    params, ema, opt_state = jax.tree_util.tree_map(lambda a, k: jnp.where(finite, a, k), applied, kept)
+    params, ema, opt_state = jax.lax.cond(finite, apply, lambda _: (state.params, state.ema_params, state.opt_state),
+                                          None)
     metrics = dict(parts, grad_norm=grad_norm, learning_rate=learning_rate(opt)(adam_count(state.opt_state)),
                    skipped=1.0 - finite.astype(jnp.float32))
     return TrainState(step=state.step + 1, params=params, ema_params=ema, opt_state=opt_state), metrics
