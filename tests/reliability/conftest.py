@@ -34,11 +34,15 @@ def env() -> dict:
     return out
 
 
-def run_with_fault(backend: str, workdir: Path, fault: str = "none", *extra: str) -> subprocess.CompletedProcess:
-    """Runs the backend's trainer on `workdir` with `fault` injected; returns the finished process."""
+def run_with_fault(backend: str, workdir: Path, fault: str = "none", *extra: str,
+                   processes: int = 0) -> subprocess.CompletedProcess:
+    """Runs the backend's trainer on `workdir` with `fault` injected (torch: under torchrun with that many
+    processes when processes > 0); returns the finished process."""
     args = [f"--workdir={workdir}"] + [f"--config.{item}" for item in RUN + list(extra)]
-    return subprocess.run([sys.executable, str(Path(__file__).with_name("faults.py")), fault, SCRIPTS[backend],
-                           *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    launcher = [] if processes == 0 else ["-m", "torch.distributed.run", "--standalone",
+                                          f"--nproc_per_node={processes}", "--max_restarts=0"]
+    return subprocess.run([sys.executable, *launcher, str(Path(__file__).with_name("faults.py")), fault,
+                           SCRIPTS[backend], *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
 
 
 def final_state(workdir: Path, step: int = TOTAL_STEPS) -> neutral.NeutralCheckpoint:

@@ -4,7 +4,8 @@
 
 FAULT (comma-separated, each KIND:ARG):
   kill-at-step:N      SIGKILL when the batch of step N is loaded (while the steps before it run)
-  signal-at-step:N:S  send signal S (SIGTERM, SIGINT) to itself there; `twice` as S sends SIGTERM twice
+  signal-at-step:N:S[:R]  send signal S (SIGTERM, SIGINT) to itself there (only the process of RANK R
+                      under torchrun, when R is given); `twice` as S sends SIGTERM twice
   kill-in-write:NAME  a checkpoint file whose name contains NAME is half written, then SIGKILL (before
                       the rename that would complete it)
   kill-in-eval:K      SIGKILL after the first batch of the K-th evaluation of this process
@@ -12,7 +13,8 @@ FAULT (comma-separated, each KIND:ARG):
   nan-at-steps:A:B    the loss and gradients of steps A..B-1 become NaN
   none                no fault
 
-The entry script then runs as `python SCRIPT ARGS` would (its exit status is this process's).
+The entry script then runs as `python SCRIPT ARGS` would (its exit status is this process's); under
+`torchrun ... faults.py FAULT SCRIPT ARGS` every process installs the fault.
 """
 from __future__ import annotations
 
@@ -106,8 +108,10 @@ def in_eval(k: int) -> None:
     data.eval_batches = eval_batches
 
 
-def send(name: str):
+def send(name: str, rank: str | None = None):
     def action():
+        if rank is not None and os.environ.get("RANK") != rank:
+            return
         for signum in ([signal.SIGTERM, signal.SIGTERM] if name == "twice" else [signal.Signals[name]]):
             os.kill(os.getpid(), signum)
     return action
@@ -119,7 +123,7 @@ def install(spec: str, script: str) -> None:
         if kind == "kill-at-step":
             at_step(int(args[0]), _kill)
         elif kind == "signal-at-step":
-            at_step(int(args[0]), send(args[1]))
+            at_step(int(args[0]), send(*args[1:]))
         elif kind == "kill-in-write":
             in_write(args[0], half_written_then_killed)
         elif kind == "kill-in-eval":

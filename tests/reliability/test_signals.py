@@ -36,3 +36,18 @@ def test_a_second_signal_stops_at_once_without_saving(tmp_path):
     assert proc.returncode == -signal.SIGTERM
     assert "received SIGTERM" in proc.stdout and "stopped by" not in proc.stdout
     assert run.neutral_steps(str(workdir)) == [4]
+
+
+def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
+    # Rank 0 alone gets SIGTERM (a preemption notice may reach one host first): both processes agree to stop
+    # after the call of steps 4..6, save step 6 once and stop; torchrun reports the exit status.
+    workdir = tmp_path / "run"
+    proc = run_with_fault("torch", workdir, "signal-at-step:5:SIGTERM:0", processes=2)
+    assert proc.returncode != 0 and "stopped by SIGTERM at step 6" in proc.stdout, proc.stderr[-3000:]
+    assert run.neutral_steps(str(workdir)) == [4, 6]
+    proc = run_with_fault("torch", workdir, processes=2)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from step 6" in proc.stdout
+    whole = tmp_path / "whole"
+    assert run_with_fault("torch", whole, processes=2).returncode == 0
+    assert_same_state(final_state(workdir), final_state(whole))
