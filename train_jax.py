@@ -20,18 +20,13 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from vdm_common import cli
 from vdm_common import config as config_lib
 from vdm_common import interrupts
 from vdm_common import run
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-# ml_collections reads the --config.section.field=value overrides while the flag below is defined, and raises a
-# bare KeyError (a traceback) for a field the config lacks: check their names against the schema first.
-try:
-    config_lib.check_override_names(arg[len("--config."):].split("=")[0] for arg in sys.argv[1:]
-                                    if arg.startswith("--config."))
-except config_lib.ConfigError as e:
-    sys.exit(f"error: {e}")
+cli.check_config_overrides(sys.argv)          # before the config flag reads them
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "quickstart.py"),
                                           "A config file (configs/*.py); --config.section.field=value overrides.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run directory; default runs/<config name>_jax.")
@@ -73,15 +68,5 @@ def main(argv):
     return interrupts.exit_status(summary.get("interrupted"))
 
 
-def _parse_flags(argv):
-    """absl's flag parsing, its errors (a value of the wrong type, an unknown flag) in this script's
-    `error: ...` form and exit status."""
-    try:
-        return flags.FLAGS(argv)
-    except flags.Error as e:
-        print(f"error: {e}; see --helpshort for the flags", file=sys.stderr)
-        sys.exit(1)
-
-
 if __name__ == "__main__":
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=cli.parse_flags)
