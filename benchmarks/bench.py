@@ -310,7 +310,8 @@ def main(argv=None):
     add_utilisation(results)
     os.makedirs(args.out, exist_ok=True)
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
-                python=platform.python_version(), upstream_checkouts=upstream)
+                python=platform.python_version(),
+                upstream_checkouts={name: os.path.basename(path) for name, path in upstream.items()})
     with open(os.path.join(args.out, "bench.json"), "w") as fh:
         json.dump(dict(meta=meta, results=results), fh, indent=1)
     table = markdown(results)

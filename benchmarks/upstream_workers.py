@@ -49,6 +49,11 @@ from vdm_common.upstream import PORT_SCHEDULES
 SAMPLE_STEPS = 1000      # T of the ancestral sampler whose steps are timed, as in our workers
 
 
+def checkout_name(checkout: str) -> str:
+    """The checkout's folder name: what the results record (not where it lies on this machine)."""
+    return os.path.basename(os.path.normpath(os.path.abspath(checkout)))
+
+
 def check_float32(dtype: str) -> None:
     if dtype != "float32":
         raise ValueError(f"the upstream code is timed in float32 only, not {dtype}")
@@ -163,7 +168,7 @@ def official_worker(checkout: str, size: str, dtype: str, steps: int, warmup: in
     jax_timed(lambda: eval_fn(ema, x), warmup)
     _, eval_times = jax_timed(lambda: eval_fn(ema, x), steps)
     return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
-                version=jax.__version__, checkout=os.path.abspath(checkout), **jax_device_figures(dtype))
+                version=jax.__version__, checkout=checkout_name(checkout), **jax_device_figures(dtype))
 
 
 # ---------------------------------------------------------------------------------------------- port worker
@@ -229,7 +234,7 @@ def port_worker(checkout: str, size: str, dtype: str, steps: int, warmup: int) -
         torch_timed(lambda: ema(images), warmup, device)
         eval_times = torch_timed(lambda: ema(images), steps, device)
     return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
-                version=torch.__version__, checkout=os.path.abspath(checkout), **torch_device_figures(dtype, device))
+                version=torch.__version__, checkout=checkout_name(checkout), **torch_device_figures(dtype, device))
 
 
 WORKERS = {"official": official_worker, "port": port_worker}
