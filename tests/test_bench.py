@@ -79,4 +79,4 @@ def test_upstream_worker_times_a_step(backend, variable, tmp_path):
     assert [r["backend"] for r in results] == [backend]
     assert "error" not in results[0], results[0].get("error")
     assert results[0]["train"]["median"] > 0 and results[0]["sample"]["median"] > 0
-    assert results[0]["checkout"] == os.path.abspath(checkout)
+    assert results[0]["checkout"] == os.path.basename(os.path.normpath(checkout))
