@@ -223,6 +223,15 @@ def estimate_memory_bytes(num_params: int, activation_elements_per_example: int,
     return bytes_per_element * 5 * num_params + act_bytes * activation_elements_per_example * batch_per_device
 
 
+def training_memory_estimate(model_config: ModelConfig, num_params: int, image_shape, batch_per_device: int) -> int:
+    """`estimate_memory_bytes` for a model config: 8-byte parameters in float64, else 4; activations of 2
+    bytes under bfloat16 compute, else those of the parameters."""
+    param_bytes = 8 if model_config.compute_dtype == "float64" else 4
+    act_bytes = 2 if model_config.compute_dtype == "bfloat16" else param_bytes
+    return estimate_memory_bytes(num_params, unet_activation_elements(model_config, image_shape), batch_per_device,
+                                 param_bytes, activation_bytes_per_element=act_bytes)
+
+
 def unet_activation_elements(model: Any, image_shape: tuple[int, ...]) -> int:
     """An estimate of the activation elements one example keeps for backward in the score UNet.
 

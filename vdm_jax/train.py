@@ -213,15 +213,6 @@ def count_params(params) -> int:
     return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
 
 
-def memory_estimate(model_config: ModelConfig, num_params: int, image_shape, batch_per_device: int) -> int:
-    """Rough training bytes per device (vdm_common.metrics.estimate_memory_bytes)."""
-    param_bytes = 8 if model_config.compute_dtype == "float64" else 4
-    act_bytes = 2 if model_config.compute_dtype == "bfloat16" else param_bytes
-    return metrics_lib.estimate_memory_bytes(
-        num_params, metrics_lib.unet_activation_elements(model_config, image_shape), batch_per_device,
-        param_bytes, activation_bytes_per_element=act_bytes)
-
-
 # ------------------------------------------------------------------------------------------------ main
 
 def main(config: ml_collections.ConfigDict | None, workdir: str, mode: str = "train",
@@ -398,7 +389,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, devices=None, profile
         per_device = t.batch_size_train // r.num_devices
         _say(run.describe_start(
             backend=BACKEND, num_params=num_params,
-            memory_bytes=memory_estimate(mc, num_params, ds.image_shape, per_device),
+            memory_bytes=metrics_lib.training_memory_estimate(mc, num_params, ds.image_shape, per_device),
             num_devices=r.num_devices, num_processes=jax.process_count(), batch_per_device=per_device,
             global_batch=t.batch_size_train, dataset_name=ds.name, num_train=len(ds.train), num_test=len(ds.test),
             image_shape=ds.image_shape, baseline_bpd=r.baseline_bpd))
