@@ -5,10 +5,14 @@ checkpoint and ends bit-identical to a run never stopped. A second signal stops 
 from __future__ import annotations
 
 import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from conftest import assert_same_state, final_state, run_with_fault
+from conftest import ROOT, RUN, assert_same_state, env, final_state, run_with_fault
 from vdm_common import run
 
 
@@ -51,3 +55,22 @@ def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
     whole = tmp_path / "whole"
     assert run_with_fault("torch", whole, processes=2).returncode == 0
     assert_same_state(final_state(workdir), final_state(whole))
+
+
+def test_a_signal_to_one_jax_process_stops_both_at_the_same_step(tmp_path):
+    # Two JAX processes (one CPU device each, gloo collectives); process 0 alone gets SIGTERM while the call of
+    # steps 4..6 runs: both stop after it, step 6 is saved once, both exit with 128 + SIGTERM.
+    workdir = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [f"--workdir={workdir}", *(f"--config.{item}" for item in RUN), f"--coordinator_address=127.0.0.1:{port}",
+            "--num_processes=2"]
+    procs = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("faults.py")), "signal-at-step:7:SIGTERM:0",
+                               "train_jax.py", *args, f"--process_id={i}"], cwd=ROOT, env=dict(env(), RANK=str(i)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600) for p in procs]
+    for p, (out, err) in zip(procs, outputs):
+        assert p.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM at step 6" in outputs[0][0]
+    assert run.neutral_steps(str(workdir)) == [4, 6]
