@@ -191,16 +191,20 @@ UPSTREAM_RUN = ("small", "float32")     # the (size, dtype) the upstream code is
 
 
 def run_worker(backend: str, size: str, dtype: str, steps: int, warmup: int, threads: int | None,
-               checkout: str | None = None) -> dict:
+               checkout: str | None = None, timeout: float | None = None) -> dict:
     """Runs one measurement in a fresh interpreter; returns its result with derived figures added.
-    checkout: for an upstream backend, the local checkout of its code."""
+    checkout: for an upstream backend, the local checkout of its code. timeout: seconds after which the
+    worker is stopped and the measurement recorded as failed (the run goes on with the next one)."""
     env = dict(os.environ)
     if threads:
         env.update(OMP_NUM_THREADS=str(threads), XLA_FLAGS=env.get("XLA_FLAGS", ""))
     module = "benchmarks.upstream_workers" if backend in UPSTREAM else "benchmarks.bench"
     cmd = [sys.executable, "-m", module, "--worker", backend, "--sizes", size, "--dtypes", dtype,
            "--steps", str(steps), "--warmup", str(warmup)] + (["--checkout", checkout] if checkout else [])
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    try:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return dict(backend=backend, size=size, dtype=dtype, error=[f"stopped after --worker_timeout={timeout:g} s"])
     if proc.returncode != 0:
         return dict(backend=backend, size=size, dtype=dtype, error=proc.stderr.strip().splitlines()[-1:])
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -284,6 +288,8 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
+    parser.add_argument("--worker_timeout", type=float, default=None,
+                        help="seconds after which one measurement is stopped and recorded as failed")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -296,28 +302,35 @@ def main(argv=None):
     if upstream and not (UPSTREAM_RUN[0] in sizes and UPSTREAM_RUN[1] in dtypes):
         print(f"note: the upstream code is timed on {' '.join(UPSTREAM_RUN)} only, which this run leaves out",
               flush=True)
-    results = []
+    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
+                python=platform.python_version(),
+                upstream_checkouts={name: os.path.basename(path) for name, path in upstream.items()})
+    results, table = [], ""
     for size in sizes:
         for dtype in dtypes:
             runs = [(backend, None) for backend in args.backends.split(",") if backend]
             if (size, dtype) == UPSTREAM_RUN:
                 runs += list(upstream.items())
             for backend, checkout in runs:
-                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads, checkout))
+                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads, checkout,
+                                          args.worker_timeout))
                 r = results[-1]
-                print(f"{size} {dtype} {backend}: " + (f"{r['train']['median']:.3f} s/step"
+                print(f"{size} {dtype} {backend}: " + (f"{r['train']['median']:.3f} s/step on {r['device']}"
                       if "error" not in r else f"failed {r['error']}"), flush=True)
+                table = write_results(args.out, meta, results)   # after each: a stopped run keeps what it measured
+    print(table)
+
+
+def write_results(out: str, meta: dict, results: list[dict]) -> str:
+    """Writes bench.json and bench.md under `out` (utilisation over this run's ceilings); returns the table."""
     add_utilisation(results)
-    os.makedirs(args.out, exist_ok=True)
-    meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
-                python=platform.python_version(),
-                upstream_checkouts={name: os.path.basename(path) for name, path in upstream.items()})
-    with open(os.path.join(args.out, "bench.json"), "w") as fh:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "bench.json"), "w") as fh:
         json.dump(dict(meta=meta, results=results), fh, indent=1)
     table = markdown(results)
-    with open(os.path.join(args.out, "bench.md"), "w") as fh:
+    with open(os.path.join(out, "bench.md"), "w") as fh:
         fh.write(f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs).\n\n{table}")
-    print(table)
+    return table
 
 
 if __name__ == "__main__":

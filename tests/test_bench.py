@@ -80,3 +80,15 @@ def test_upstream_worker_times_a_step(backend, variable, tmp_path):
     assert "error" not in results[0], results[0].get("error")
     assert results[0]["train"]["median"] > 0 and results[0]["sample"]["median"] > 0
     assert results[0]["checkout"] == os.path.basename(os.path.normpath(checkout))
+
+
+def test_a_worker_past_its_timeout_is_recorded_as_failed_and_the_run_goes_on(tmp_path, capsys):
+    # The workers cannot import torch or JAX within 10 ms: both are stopped, each result is written as it comes.
+    bench.main(["--sizes=small", "--dtypes=float32", "--steps=1", "--warmup=1", "--worker_timeout=0.01",
+                f"--out={tmp_path}"])
+    results = json.loads((tmp_path / "bench.json").read_text())["results"]
+    assert [(r["backend"], r["error"]) for r in results] == [
+        ("jax", ["stopped after --worker_timeout=0.01 s"]), ("torch", ["stopped after --worker_timeout=0.01 s"])]
+    assert "| small | float32 | torch | failed: ['stopped after --worker_timeout=0.01 s'] |" in \
+        (tmp_path / "bench.md").read_text()
+    assert "small float32 jax: failed" in capsys.readouterr().out
