@@ -11,6 +11,10 @@ device. Utilisation = analytic FLOPs of a training step (vdm_common/flops.py) pe
 time, over the device's matmul ceiling: the faster of the two frameworks' GEMMs of that dtype in the run
 (and, in brackets, over the framework's own GEMM). Writes bench.json and bench.md under --out.
 
+--repeats=N measures every (backend, size, dtype) N times, round-robin (all of them once, then again), and
+reports for each the repeat with the median training step (the others' medians listed beside it): the
+load of a shared machine drifts over minutes, and round-robin spreads it over all backends alike.
+
 --official / --port name local checkouts of the upstream implementations (google-research/vdm and
 addtt/variational-diffusion-models): their code is then timed beside ours in the same run, on the small
 float32 config only (the one their earlier figures are for), by benchmarks/upstream_workers.py.
@@ -247,7 +251,10 @@ def markdown(results: list[dict]) -> str:
             f"| {r['images_per_s']:.1f} | {r['sample_s_per_step']:.4f} | {r['eval_images_per_s']:.1f} "
             f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) | {r['train_step_flops'] / 1e9:.2f} "
             f"| {100 * r['utilisation']:.1f}% ({100 * r['utilisation_own_gemm']:.1f}%) | {r['device']} |")
-    return "\n".join(lines + [""] + ratio_lines(results)) + "\n"
+    repeated = [f"- {r['size']} {r['dtype']} {r['backend']}: median step of each repeat "
+                + ", ".join("failed" if t is None else f"{t:.3f}" for t in r["repeat_step_medians"]) + " s"
+                for r in results if "repeat_step_medians" in r]
+    return "\n".join(lines + [""] + ratio_lines(results) + repeated) + "\n"
 
 
 def ratio_lines(results: list[dict]) -> list[str]:
@@ -288,11 +295,14 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=5, help="timed steps after warm-up")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the workers")
+    parser.add_argument("--repeats", type=int, default=1, help="measure each N times, round-robin")
     parser.add_argument("--worker_timeout", type=float, default=None,
                         help="seconds after which one measurement is stopped and recorded as failed")
     parser.add_argument("--out", default="docs/benchmarks")
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error(f"--repeats={args.repeats}: give 1 or more")
     if args.worker:
         print(json.dumps(WORKERS[args.worker](args.sizes, args.dtypes, args.steps, args.warmup)))
         return
@@ -305,20 +315,34 @@ def main(argv=None):
     meta = dict(date=time.strftime("%Y-%m-%d"), machine=platform.platform(), cpus=os.cpu_count(),
                 python=platform.python_version(),
                 upstream_checkouts={name: os.path.basename(path) for name, path in upstream.items()})
-    results, table = [], ""
-    for size in sizes:
-        for dtype in dtypes:
-            runs = [(backend, None) for backend in args.backends.split(",") if backend]
-            if (size, dtype) == UPSTREAM_RUN:
-                runs += list(upstream.items())
-            for backend, checkout in runs:
-                results.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads, checkout,
-                                          args.worker_timeout))
-                r = results[-1]
-                print(f"{size} {dtype} {backend}: " + (f"{r['train']['median']:.3f} s/step on {r['device']}"
-                      if "error" not in r else f"failed {r['error']}"), flush=True)
-                table = write_results(args.out, meta, results)   # after each: a stopped run keeps what it measured
+    measurements = [(size, dtype, backend, checkout) for size in sizes for dtype in dtypes
+                    for backend, checkout in [(b, None) for b in args.backends.split(",") if b]
+                    + (list(upstream.items()) if (size, dtype) == UPSTREAM_RUN else [])]
+    repeats: list[list[dict]] = [[] for _ in measurements]
+    table = ""
+    for repeat in range(args.repeats):
+        for runs, (size, dtype, backend, checkout) in zip(repeats, measurements):
+            runs.append(run_worker(backend, size, dtype, args.steps, args.warmup, args.threads, checkout,
+                                   args.worker_timeout))
+            r = runs[-1]
+            print(f"{size} {dtype} {backend}" + (f" (repeat {repeat + 1})" if args.repeats > 1 else "") + ": "
+                  + (f"{r['train']['median']:.3f} s/step on {r['device']}" if "error" not in r
+                     else f"failed {r['error']}"), flush=True)
+            # After each: a stopped run keeps what it measured.
+            table = write_results(args.out, meta, [median_run(runs) for runs in repeats if runs])
     print(table)
+
+
+def median_run(runs: list[dict]) -> dict:
+    """Of one measurement's repeats, the one with the median training step (the lower middle of an even
+    count; failed repeats left out, the last failure if all failed), with every repeat's step time added."""
+    ok = sorted((r for r in runs if "error" not in r), key=lambda r: r["train"]["median"])
+    if not ok:
+        return runs[-1]
+    chosen = dict(ok[(len(ok) - 1) // 2])
+    if len(runs) > 1:
+        chosen["repeat_step_medians"] = [r["train"]["median"] if "error" not in r else None for r in runs]
+    return chosen
 
 
 def write_results(out: str, meta: dict, results: list[dict]) -> str:

@@ -92,3 +92,18 @@ def test_a_worker_past_its_timeout_is_recorded_as_failed_and_the_run_goes_on(tmp
     assert "| small | float32 | torch | failed: ['stopped after --worker_timeout=0.01 s'] |" in \
         (tmp_path / "bench.md").read_text()
     assert "small float32 jax: failed" in capsys.readouterr().out
+
+
+def test_repeats_report_the_median_run_and_list_every_repeat():
+    failed = dict(backend="jax", size="small", dtype="float32", error=["x"])
+    runs = [fabricated("jax", 0.40), failed, fabricated("jax", 0.30), fabricated("jax", 0.35)]
+    chosen = bench.median_run(runs)
+    assert chosen["train"]["median"] == 0.35 and chosen["repeat_step_medians"] == [0.40, None, 0.30, 0.35]
+    bench.add_utilisation([chosen])
+    assert "- small float32 jax: median step of each repeat 0.400, failed, 0.300, 0.350 s" in bench.markdown([chosen])
+    assert bench.median_run([fabricated("jax", 0.4), fabricated("jax", 0.2)])["train"]["median"] == 0.2
+    assert "repeat_step_medians" not in bench.median_run([fabricated("jax", 0.4)])
+    last = dict(failed, error=["y"])
+    assert bench.median_run([failed, last]) is last
+    with pytest.raises(SystemExit):
+        bench.main(["--repeats=0"])
