@@ -38,6 +38,7 @@ def conv3x3(in_ch: int, out_ch: int, zero: bool = False) -> nn.Conv2d:
 
 
 def group_norm(config: ModelConfig, channels: int) -> nn.GroupNorm:
+    """The model's GroupNorm: config.norm_groups groups, epsilon config.norm_eps."""
     return nn.GroupNorm(config.norm_groups, channels, eps=config.norm_eps)
 
 
