@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from benchmarks import bench
+from benchmarks import bench, torch_options
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -107,3 +107,17 @@ def test_repeats_report_the_median_run_and_list_every_repeat():
     assert bench.median_run([failed, last]) is last
     with pytest.raises(SystemExit):
         bench.main(["--repeats=0"])
+
+
+def test_torch_options_time_each_option_beside_the_default(tmp_path):
+    out = tmp_path / "options.json"
+    torch_options.main(["--options=channels_last", "--steps=1", "--warmup=1", f"--out={out}"])
+    rows = json.loads(out.read_text())
+    assert [(r["option"], r["size"], r["dtype"]) for r in rows] == [
+        ("default", "small", "float32"), ("channels_last", "small", "float32")]
+    assert rows[0]["device"] == rows[1]["device"]
+    assert rows[0]["ratio_to_default"] == 1.0
+    assert rows[1]["ratio_to_default"] == pytest.approx(rows[1]["train"]["median"] / rows[0]["train"]["median"])
+    for bad in ("--options=fast", "--sizes=huge"):
+        with pytest.raises(SystemExit):
+            torch_options.main([bad])

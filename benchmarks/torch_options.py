@@ -1,0 +1,89 @@
+"""torch's speed options, each timed against the default on the same model and batch, in one process.
+
+    python -m benchmarks.torch_options                                    # small float32, every option
+    python -m benchmarks.torch_options --sizes=cifar10 --dtypes=bfloat16,float32 --options=cudnn_benchmark
+
+Options (none changes the function trained; each gets a fresh training state):
+  cudnn_benchmark  torch.backends.cudnn.benchmark = True: cuDNN times its convolution algorithms at the first
+                   call of each shape and keeps the fastest (GPU only; a no-op on a CPU)
+  channels_last    model, AdamW moments and batch in channels_last memory (train_torch.py --channels_last)
+  compile          torch.compile of the score UNet (train_torch.py --compile); its compilation falls in the
+                   warm-up steps, so give --warmup enough of them
+The sizes and dtypes are benchmarks/bench.py's. Prints, per option, the median [min, max] training step of
+--steps steps after --warmup and its ratio to the default's; --out writes the same as JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks.bench import BASE_MODEL, SIZES, model_for, summarise, torch_timed
+
+OPTIONS = ("cudnn_benchmark", "channels_last", "compile")
+
+
+def time_option(option: str, size: str, dtype: str, steps: int, warmup: int) -> dict:
+    """Median and spread of the training step with one option ('default': none), on a fresh state."""
+    import torch
+
+    from vdm_common.config import make_config
+    from vdm_torch import steps as tsteps
+    from vdm_torch.train import make_forward, to_channels_last
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mc, spec = model_for(size, dtype), SIZES[size]
+    opt = make_config(BASE_MODEL).optimizer
+    batch, (H, W, C) = spec["batch"], spec["image"]
+    state = tsteps.create_train_state(mc, opt, 0, device=device, fused=True)
+    generator = torch.Generator(device=device).manual_seed(0)
+    x = torch.randint(0, 256, (batch, C, H, W), generator=generator, device=device)
+    c = torch.zeros(batch, device=device)
+    if option == "channels_last":
+        state = to_channels_last(state)
+        x = x.contiguous(memory_format=torch.channels_last)
+    forward = make_forward(state.model, torch.device(device), compile=option == "compile")
+    benchmark_before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = option == "cudnn_benchmark"
+    try:
+        def step():
+            tsteps.train_step(mc, opt, state, x, c, generator=generator, forward=forward)
+
+        torch_timed(step, warmup, device)
+        times = torch_timed(step, steps, device)
+        return dict(option=option, size=size, dtype=dtype, device=device, train=summarise(times))
+    finally:
+        torch.backends.cudnn.benchmark = benchmark_before
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", default="small", help=f"comma list of {sorted(SIZES)}")
+    parser.add_argument("--dtypes", default="float32")
+    parser.add_argument("--options", default=",".join(OPTIONS), help=f"comma list of {list(OPTIONS)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps after warm-up")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", help="a JSON file for the results")
+    args = parser.parse_args(argv)
+    options = [o for o in args.options.split(",") if o]
+    for flag, given, known in (("--options", options, OPTIONS), ("--sizes", args.sizes.split(","), SIZES)):
+        if set(given) - set(known):
+            parser.error(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {sorted(known)}")
+    results = []
+    for size in args.sizes.split(","):
+        for dtype in args.dtypes.split(","):
+            default = None
+            for option in ["default"] + options:
+                r = time_option(option, size, dtype, args.steps, args.warmup)
+                default = default or r["train"]["median"]
+                r["ratio_to_default"] = r["train"]["median"] / default
+                results.append(r)
+                t = r["train"]
+                print(f"{size} {dtype} {option} on {r['device']}: {t['median']:.4f} s/step [{t['min']:.4f}, "
+                      f"{t['max']:.4f}], {r['ratio_to_default']:.2f}x the default's time", flush=True)
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump(results, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
