@@ -159,7 +159,9 @@ def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
 
 
 # -------------------------------------------------------------------------------------------- torch worker
-def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
+def torch_setup(size: str, dtype: str):
+    """(device, model config, optimizer config, fresh training state, generator, images (B, C, H, W),
+    conditioning (B,)) of a torch measurement, on the GPU where there is one."""
     import torch
 
     from vdm_torch import steps as tsteps
@@ -171,7 +173,15 @@ def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     state = tsteps.create_train_state(mc, opt, 0, device=device, fused=True)
     generator = torch.Generator(device=device).manual_seed(0)
     x = torch.randint(0, 256, (batch, C, H, W), generator=generator, device=device)
-    c = torch.zeros(batch, device=device)
+    return device, mc, opt, state, generator, x, torch.zeros(batch, device=device)
+
+
+def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
+    import torch
+
+    from vdm_torch import steps as tsteps
+
+    device, mc, opt, state, generator, x, c = torch_setup(size, dtype)
 
     def one_step():
         tsteps.train_step(mc, opt, state, x, c, generator=generator)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from benchmarks.bench import BASE_MODEL, SIZES, model_for, summarise, torch_timed
+from benchmarks.bench import SIZES, summarise, torch_setup, torch_timed
 
 OPTIONS = ("cudnn_benchmark", "channels_last", "compile")
 
@@ -26,18 +26,10 @@ def time_option(option: str, size: str, dtype: str, steps: int, warmup: int) -> 
     """Median and spread of the training step with one option ('default': none), on a fresh state."""
     import torch
 
-    from vdm_common.config import make_config
     from vdm_torch import steps as tsteps
     from vdm_torch.train import make_forward, to_channels_last
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    mc, spec = model_for(size, dtype), SIZES[size]
-    opt = make_config(BASE_MODEL).optimizer
-    batch, (H, W, C) = spec["batch"], spec["image"]
-    state = tsteps.create_train_state(mc, opt, 0, device=device, fused=True)
-    generator = torch.Generator(device=device).manual_seed(0)
-    x = torch.randint(0, 256, (batch, C, H, W), generator=generator, device=device)
-    c = torch.zeros(batch, device=device)
+    device, mc, opt, state, generator, x, c = torch_setup(size, dtype)
     if option == "channels_last":
         state = to_channels_last(state)
         x = x.contiguous(memory_format=torch.channels_last)
