@@ -141,31 +141,36 @@ def torch_restore(workdir: Path, source: str):
     return ckpt.restore(2, source, tiny_config(OTHER_MODEL).optimizer, fresh_optimizer=True)
 
 
+def overriding(override: str):
+    """A Case action: the quickstart config loaded with one --config override."""
+    return lambda tmp, _: config_lib.load_config(QUICKSTART, [override])
+
+
 CASES = {
     # ------------------------------------------------------- config values and keys (--config.a.b=value)
     "override of the wrong type": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["training.batch_size_train=abc"]), ConfigError,
+        overriding("training.batch_size_train=abc"), ConfigError,
         ("config.training.batch_size_train", "'abc'"), "expected an integer"),
     "override out of range": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["training.batch_size_train=0"]), ConfigError,
+        overriding("training.batch_size_train=0"), ConfigError,
         ("config.training.batch_size_train = 0",), "an integer >= 1"),
     "infinite learning rate": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["optimizer.learning_rate=1e999"]), ConfigError,
+        overriding("optimizer.learning_rate=1e999"), ConfigError,
         ("config.optimizer.learning_rate = inf",), "a finite float > 0"),
     "infinite model float": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["model.gamma_max=1e999"]), ConfigError,
+        overriding("model.gamma_max=1e999"), ConfigError,
         ("config.model.gamma_max = inf",), "a finite number"),
     "unknown training field": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["training.batch_size_trian=64"]), ConfigError,
+        overriding("training.batch_size_trian=64"), ConfigError,
         ("config.training.batch_size_trian", "unknown field"), "'batch_size_train'"),
     "field used as a section": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["model.sm_n_layer.depth=2"]), ConfigError,
+        overriding("model.sm_n_layer.depth=2"), ConfigError,
         ("config.model.sm_n_layer.depth", "unknown field"), "'sm_n_layer'"),
     "whole section replaced": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["model={}"]), ConfigError,
+        overriding("model={}"), ConfigError,
         ("config.model",), "override its fields one by one"),
     "data path not a string": Case(
-        lambda tmp, _: config_lib.load_config(QUICKSTART, ["data.npz_path=5"]), ConfigError,
+        overriding("data.npz_path=5"), ConfigError,
         ("config.data.npz_path",), "expected a string"),
     # ------------------------------------------------------------------ config files (--config=FILE)
     "config file not python": Case(
