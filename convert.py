@@ -33,6 +33,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from vdm_common.errors import UserError
 from vdm_common.weights import ConversionError
 
 NEUTRAL_SUFFIXES = (".safetensors",)
@@ -49,8 +50,16 @@ def _kind(path: Path) -> str:
                           f"or .msgpack (flax parameters)")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its usage errors as one `error: ...` line and exit status 1, as the trainers'."""
+
+    def error(self, message: str):
+        print(f"error: {message}; see convert.py --help", file=sys.stderr)
+        sys.exit(1)
+
+
 def _parse(argv):
-    parser = argparse.ArgumentParser(prog="convert.py", description=__doc__.split("\n\n")[0],
+    parser = _Parser(prog="convert.py", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
     parser.add_argument("--from", dest="src", required=True, help="the file to read")
@@ -80,7 +89,7 @@ def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrit
 
     src_kind, dst_kind = _kind(src), _kind(dst)
     if dst.exists() and not overwrite:
-        raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+        raise ConversionError(f"{dst} exists; pass --overwrite to replace it")
     if src.resolve() == dst.resolve():
         raise ConversionError(f"--from and --to are the same file ({src})")
     model_config = model_config_of(config) if config is not None else None
@@ -112,27 +121,26 @@ def convert(src: Path, dst: Path, config=None, weights: str = "params", overwrit
 
 def import_upstream(kind: str, src: Path, dst: Path, config=None, number: int | None = None):
     """Reads an upstream checkpoint and writes a neutral file, or a run directory both trainers continue."""
-    from vdm_common import neutral, run, upstream, workdir
+    from vdm_common import neutral, upstream, workdir as workdir_lib
 
     imp = upstream.read_upstream(kind, src, config, number)
     print(imp.summary())
     ckpt = imp.to_neutral()
     if dst.suffix.lower() in NEUTRAL_SUFFIXES:
         if dst.exists():
-            raise FileExistsError(f"{dst} exists; choose a new --to")
+            raise ConversionError(f"{dst} exists; choose a new --to")
         neutral.save_neutral(dst, ckpt)
         return ckpt
     if dst.exists() and any(dst.iterdir()):
-        raise FileExistsError(f"{dst} is not empty; --to must be a new run directory")
-    workdir.prepare_workdir(dst, imp.config, backend=f"upstream:{kind}")
-    neutral.save_neutral(run.neutral_path(dst, ckpt.step), ckpt)
+        raise ConversionError(f"{dst} is not empty; --to must be a new run directory")
+    workdir_lib.prepare_workdir(dst, imp.config, backend=f"upstream:{kind}")
+    neutral.save_neutral(workdir_lib.layout(dst).neutral_path(ckpt.step), ckpt)
     return ckpt
 
 
 def main(argv=None) -> int:
     args, overrides = _parse(sys.argv[1:] if argv is None else argv)
-    from vdm_common.config import ConfigError, load_config
-    from vdm_common.neutral import NeutralFileError
+    from vdm_common.config import load_config
 
     try:
         config = load_config(args.config, overrides) if args.config else None
@@ -142,9 +150,9 @@ def main(argv=None) -> int:
             print(f"{args.src} -> {args.dst}: step {ckpt.step}")
             return 0
         ckpt = convert(Path(args.src), Path(args.dst), config, args.weights, args.overwrite)
-    except (ConversionError, NeutralFileError, ConfigError, ValueError, OSError) as e:
+    except (UserError, OSError) as e:          # OSError: a path that cannot be read or written
         print(f"error: {_describe(e)}", file=sys.stderr)
-        return 2
+        return 1
     if _kind(Path(args.dst)) == "jax":
         parts = [args.weights]
     else:

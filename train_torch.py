@@ -21,70 +21,35 @@ or, as with train_jax.py, --coordinator_address=HOST0:PORT --num_processes=N --p
 Speed options (the function trained is the same): --compile (torch.compile), --channels_last, --fused_adamw
 (default on), and --config.model.compute_dtype=bfloat16 (bf16 autocast; a model field, part of the config).
 """
-import os
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import app, flags
 
-from vdm_common import cli
-from vdm_common import config as config_lib
-from vdm_common import interrupts
-from vdm_common import run
+from vdm_common import cli, entry
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
 cli.check_config_overrides(sys.argv)          # before the config flag reads them
-_CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "quickstart.py"),
-                                          "A config file (configs/*.py); --config.section.field=value overrides.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The run directory; default runs/<config name>_torch.")
-_MODE = flags.DEFINE_enum("mode", "train", run.MODES, "train, eval, sample or plot.")
-_MULTIHOST = flags.DEFINE_bool("multihost", False, "Join the process group from torchrun's environment (implied "
-                                                   "when torchrun started this process).")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-process runs "
-                                                                "without torchrun).")
-_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
-_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
-# Torch-only options: how to run, not what to train (they are not part of the config).
-_DEVICE = flags.DEFINE_string("device", None, "cpu, cuda or cuda:N; default cuda:LOCAL_RANK when GPUs are "
-                                              "present, else cpu.")
-_COMPILE = flags.DEFINE_bool("compile", False, "torch.compile the training forward pass.")
-_CHANNELS_LAST = flags.DEFINE_bool("channels_last", False, "channels_last memory format for the model and batches.")
-_FUSED = flags.DEFINE_bool("fused_adamw", True, "Fused AdamW where torch has it (CPU and CUDA).")
-_PROFILE = flags.DEFINE_bool("profile", False, "Write a profiler trace of --profile_steps training steps (after the "
-                                               "first call, which compiles) into <workdir>/profile/.")
-_PROFILE_STEPS = flags.DEFINE_integer("profile_steps", 20, "Steps the --profile trace covers (whole calls of "
-                                                           "training.substeps steps).")
+entry.define_flags("torch", multihost_help="Join the process group from torchrun's environment (implied when "
+                                           "torchrun started this process).",
+                   coordinator_help="host:port of process 0 (multi-process runs without torchrun).")
+# How to run, not what to train (not part of the config): vdm_torch.engine.EngineOptions.
+flags.DEFINE_string("device", None, "cpu, cuda or cuda:N; default cuda:LOCAL_RANK when GPUs are present, else cpu.")
+flags.DEFINE_bool("compile", False, "torch.compile the training forward pass.")
+flags.DEFINE_bool("channels_last", False, "channels_last memory format for the model and batches.")
+flags.DEFINE_bool("fused_adamw", True, "Fused AdamW where torch has it (CPU and CUDA).")
+FLAGS = flags.FLAGS
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; options are --flags (see --help)")
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)
-    config_path = config_flags.get_config_filename(flags.FLAGS["config"])
-    workdir = _WORKDIR.value or run.default_workdir(config_path, "torch")
-    overrides = config_flags.get_override_values(flags.FLAGS["config"])
+    from vdm_torch import engine
 
-    from vdm_common import data, neutral, weights, workdir as workdir_lib
-    from vdm_torch import checkpoint, train
+    def join():
+        if FLAGS.multihost or FLAGS.coordinator_address or engine.torchrun_environment():
+            engine.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                          FLAGS.device)
 
-    user_errors = (config_lib.ConfigError, data.DataError, workdir_lib.WorkdirError, run.RunError,
-                   checkpoint.CheckpointError, neutral.NeutralFileError, weights.ConversionError, FileNotFoundError)
-    try:
-        if _MULTIHOST.value or _COORDINATOR.value or train.torchrun_environment():
-            train.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _DEVICE.value)
-        config = run.entry_config(_MODE.value, workdir, _CONFIG.value, flags.FLAGS["config"].present > 0,
-                                  overrides)
-        summary = train.main(config, workdir, _MODE.value, overrides, device=_DEVICE.value, compile=_COMPILE.value,
-                             channels_last=_CHANNELS_LAST.value, fused=None if _FUSED.value else False,
-                             profile_steps=_PROFILE_STEPS.value if _PROFILE.value else 0)
-    except user_errors as e:
-        index, count = train.process_index(), train.process_count()
-        print(f"error (process {index} of {count}): {e}" if index else f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        train.shutdown_distributed()
-    return interrupts.exit_status(summary.get("interrupted"))
+    options = engine.EngineOptions(device=FLAGS.device, compile=FLAGS.compile, channels_last=FLAGS.channels_last,
+                                   fused_adamw=None if FLAGS.fused_adamw else False)
+    return entry.run(argv, "torch", join, lambda: engine.Engine(options), leave=engine.shutdown_distributed)
 
 
 if __name__ == "__main__":

@@ -151,7 +151,7 @@ def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
                                                             method=vdm.VDM.sample_step))
     jax_timed(lambda: sample_step(params, z, 0), warmup)
     _, sample_times = jax_timed(lambda: sample_step(params, z, 1), steps)
-    eval_fn = jax.jit(lambda p, x: jsteps.eval_terms(mc, p, x, c, rng))
+    eval_fn = jax.jit(lambda p, x: jsteps.eval_terms(mc, p, x, c, vdm.draw_noise(rng, x.shape, mc))["bpd"])
     jax_timed(lambda: eval_fn(params, x), warmup)
     _, eval_times = jax_timed(lambda: eval_fn(params, x), steps)
     return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
@@ -180,6 +180,7 @@ def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     import torch
 
     from vdm_torch import steps as tsteps
+    from vdm_torch import vdm as tvdm
 
     device, mc, opt, state, generator, x, c = torch_setup(size, dtype)
 
@@ -192,8 +193,11 @@ def torch_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     with torch.no_grad():
         torch_timed(lambda: state.model.sample_step(z, 0, 1000, c, z), warmup, device)
         sample_times = torch_timed(lambda: state.model.sample_step(z, 1, 1000, c, z), steps, device)
-    torch_timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), warmup, device)
-    eval_times = torch_timed(lambda: tsteps.eval_terms(state.ema, x, c, generator), steps, device)
+    def evaluate():
+        return tsteps.eval_terms(state.ema, x, c, tvdm.draw_noise(generator, x.shape, mc, device))["bpd"]
+
+    torch_timed(evaluate, warmup, device)
+    eval_times = torch_timed(evaluate, steps, device)
     return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
                 version=torch.__version__, **torch_device_figures(dtype, device))
 

@@ -66,7 +66,8 @@ def jax_runner(model_cfg, config, dataset, seed):
         out = draws_fn(state.params, reps, jax.random.PRNGKey(key_seed))
         return np.asarray(out).reshape(len(images), n_draws)
 
-    eval_fn = jax.jit(lambda p, x, key: steps.eval_terms(model_cfg, p, x, jnp.zeros(x.shape[0]), key))
+    eval_fn = jax.jit(lambda p, x, key: steps.eval_terms(model_cfg, p, x, jnp.zeros(x.shape[0]),
+                                                         vdm.draw_noise(key, x.shape, model_cfg))["bpd"])
 
     def test_bpd():
         values = []
@@ -106,8 +107,9 @@ def torch_runner(model_cfg, config, dataset, seed):
     def test_bpd():
         values = []
         for i, (x, _, mask) in enumerate(vdm_data.eval_batches(dataset, config.training.batch_size_eval)):
-            per_example = steps.eval_terms(state.ema, to_torch(x), torch.zeros(len(x)),
-                                           steps.step_generator(10_000 + i, 0)).numpy()
+            images = to_torch(x)
+            noise = vdm.draw_noise(steps.step_generator(10_000 + i, 0), images.shape, model_cfg)
+            per_example = steps.eval_terms(state.ema, images, torch.zeros(len(x)), noise)["bpd"].numpy()
             values.append(per_example[mask > 0])
         return eval_summary(np.concatenate(values))
 

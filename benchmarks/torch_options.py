@@ -27,7 +27,7 @@ def time_option(option: str, size: str, dtype: str, steps: int, warmup: int) -> 
     import torch
 
     from vdm_torch import steps as tsteps
-    from vdm_torch.train import make_forward, to_channels_last
+    from vdm_torch.engine import make_forward, to_channels_last
 
     device, mc, opt, state, generator, x, c = torch_setup(size, dtype)
     if option == "channels_last":

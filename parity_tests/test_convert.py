@@ -145,7 +145,7 @@ def test_missing_optimizer_state_needs_fresh_optimizer():
 
 def test_cli_round_trip(tmp_path, capsys):
     """convert.py: torch checkpoint -> neutral -> torch checkpoint is bit-exact (model, EMA, AdamW state,
-    step); neutral -> msgpack (EMA) -> neutral gives the EMA back; errors exit with status 2."""
+    step); neutral -> msgpack (EMA) -> neutral gives the EMA back; errors exit with status 1."""
     config = load_config(QUICKSTART)
     state = torch_steps.create_train_state(model_config(config), config.optimizer, seed=0)
     rs = np.random.RandomState(0)
@@ -173,11 +173,11 @@ def test_cli_round_trip(tmp_path, capsys):
     assert same_tensors(load_neutral(tmp_path / "ema.safetensors").params, neutral.ema_params) == []
     capsys.readouterr()
 
-    assert convert_cli.main([f"--from={tmp_path / 'ema.msgpack'}", f"--to={tmp_path / 'x.safetensors'}"]) == 2
+    assert convert_cli.main([f"--from={tmp_path / 'ema.msgpack'}", f"--to={tmp_path / 'x.safetensors'}"]) == 1
     assert "holds no model config" in capsys.readouterr().err
-    assert convert_cli.main([f"--from={tmp_path / 'a.pt'}", f"--to={tmp_path / 'a.safetensors'}"]) == 2
+    assert convert_cli.main([f"--from={tmp_path / 'a.pt'}", f"--to={tmp_path / 'a.safetensors'}"]) == 1
     assert "exists; pass --overwrite" in capsys.readouterr().err
-    assert convert_cli.main([f"--from={tmp_path / 'nope.pt'}", f"--to={tmp_path / 'n.safetensors'}"]) == 2
+    assert convert_cli.main([f"--from={tmp_path / 'nope.pt'}", f"--to={tmp_path / 'n.safetensors'}"]) == 1
     assert "nope.pt does not exist" in capsys.readouterr().err
-    assert convert_cli.main([f"--from={tmp_path / 'a.safetensors'}", f"--to={tmp_path / 'c.pt'}"]) == 2
+    assert convert_cli.main([f"--from={tmp_path / 'a.safetensors'}", f"--to={tmp_path / 'c.pt'}"]) == 1
     assert "pass them (convert.py --config=CONFIG)" in capsys.readouterr().err

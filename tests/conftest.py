@@ -289,3 +289,42 @@ def mirror_mismatches(backend: str) -> list[str]:
 @pytest.fixture(scope="session")
 def mirror_check():
     return mirror_mismatches
+
+
+# ------------------------------------------------------------------------------------------- trainer runs
+# Shared by the trainer tests of both backends (tests/test_train_*.py, tests/reliability/): a tiny model on
+# the digits (11K parameters, so that every compile takes seconds) and a schedule of a few steps that logs,
+# evaluates, samples and saves. The learning rate is pinned here, so tuning the quickstart changes nothing.
+QUICKSTART = str(ROOT / "configs" / "quickstart.py")
+TINY_MODEL = ["model.sm_n_embd=8", "model.sm_n_layer=1", "model.norm_groups=4", "model.sm_pdrop=0.0",
+              "model.fourier_start=6", "model.fourier_stop=8", "optimizer.learning_rate=2e-3"]
+TINY_RUN = TINY_MODEL + [
+    "training.num_steps_train=6", "training.substeps=2", "training.batch_size_train=16",
+    "training.batch_size_eval=100", "training.num_eval_batches=0", "training.steps_per_logging=2",
+    "training.steps_per_eval=6", "training.steps_per_save=2", "training.checkpoints_to_keep=2",
+    "training.steps_per_sample=6", "training.num_samples=4", "training.sample_steps=3",
+    "optimizer.num_steps_lr_warmup=2",
+]
+
+
+def tiny_config(*extra: str):
+    """The quickstart config with TINY_RUN and `extra` overrides ('section.field=value')."""
+    from vdm_common import config as config_lib
+    return config_lib.load_config(QUICKSTART, TINY_RUN + list(extra))
+
+
+def make_engine(backend: str, **options):
+    """The engine of a backend with its EngineOptions fields (JAX: devices; torch: device, compile, ...)."""
+    if backend == "jax":
+        from vdm_jax import engine
+    else:
+        from vdm_torch import engine
+    return engine.Engine(engine.EngineOptions(**options))
+
+
+def run_mode(backend: str, config, workdir, mode: str = "train", overrides=None, profile_steps: int = 0,
+             **options) -> dict:
+    """vdm_common.trainer.main on a fresh engine of `backend` (what train_<backend>.py does in-process)."""
+    from vdm_common import trainer
+    return trainer.main(make_engine(backend, **options), config, str(workdir), mode, overrides,
+                        profile_steps=profile_steps)

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from vdm_common.errors import UserError
 
-class InputError(ValueError):
+
+class InputError(UserError, ValueError):
     """Images or conditioning the model cannot use; the message says what is wrong and the fix."""
 
 

@@ -22,6 +22,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import ml_collections
 
+from vdm_common.errors import UserError
+
 GAMMA_TYPES = ("fixed", "learnable_scalar", "learnable_nnet", "learnable_nnet_endpoints")
 FOURIER_ORDERS = ("channel_major", "frequency_major")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float64")
@@ -32,7 +34,7 @@ MAX_LAYERS = 1024
 MAX_WIDTH = 65536
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config field holds a value the project cannot use; the message names the field and the fix."""
 
 

@@ -33,6 +33,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from vdm_common.config import DATASETS
+from vdm_common.errors import UserError
 
 DIGITS_NUM_TEST = 297        # of the 1,797 digits: 1,500 train, 297 test
 
@@ -51,7 +52,7 @@ _STREAM_SHUFFLE = 1
 _STREAM_AUGMENT = 2
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """A data file or data set cannot be used; the message names the path and what to do."""
 
 
@@ -325,30 +326,44 @@ def _augment(images: np.ndarray, draws: np.ndarray) -> tuple[np.ndarray, np.ndar
     return images, (flip | rotate).astype(np.float32)
 
 
-def eval_batches(dataset: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1,
-                 num_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """The test split in order, as global batches of `batch_size` (all of them, or the first `num_batches`).
+def image_batches(images: np.ndarray, batch_size: int, num_batches: int = 0
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """`images` (N, ...) in order, as batches of `batch_size` (all of them, or the first `num_batches`).
 
     Every batch has the same shape, for jit and sharding: the last one is padded with copies of the first
-    test image, marked 0 in `mask`. Process p of P gets rows [p * B, (p + 1) * B) of each global batch,
-    B = batch_size // P; over all processes the rows with mask 1 are the test split, each image once.
-
-    Yields images (B, H, W, C) uint8, conditioning (B,) float32 zeros, mask (B,) float32.
+    image, marked 0 in `mask`. Yields rows (B,) int64 (the index of each row in `images`; padded rows get
+    indices >= N), the batch (B, ...) and mask (B,) float32.
     """
-    local = _local_slice(batch_size, process_index, process_count)   # checked now, not at the first next()
-    m = len(dataset.test)
-    total = -(-m // batch_size)
+    if not (isinstance(batch_size, (int, np.integer)) and batch_size >= 1):
+        raise ValueError(f"batch size {batch_size!r} must be an integer >= 1")
+    n = len(images)
+    total = -(-n // batch_size)
     if num_batches > 0:
         total = min(total, num_batches)
 
     def batches():
         for b in range(total):
-            rows = np.arange(b * batch_size, (b + 1) * batch_size)[local]    # (B,) rows of the test split
-            real = rows < m                                                  # (B,)
-            images = dataset.test[np.where(real, rows, 0)]                   # (B, H, W, C)
-            yield images, np.zeros(len(rows), np.float32), real.astype(np.float32)
+            rows = np.arange(b * batch_size, (b + 1) * batch_size)        # (B,)
+            real = rows < n                                                # (B,)
+            yield rows, images[np.where(real, rows, 0)], real.astype(np.float32)
 
     return batches()
+
+
+def eval_batches(dataset: Dataset, batch_size: int, process_index: int = 0, process_count: int = 1,
+                 num_batches: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The test split in order, as global batches of `batch_size` (all of them, or the first `num_batches`).
+
+    The batches of `image_batches` (the last one padded with copies of the first test image, marked 0 in
+    `mask`); process p of P gets rows [p * B, (p + 1) * B) of each global batch, B = batch_size // P; over
+    all processes the rows with mask 1 are the test split, each image once.
+
+    Yields images (B, H, W, C) uint8, conditioning (B,) float32 zeros, mask (B,) float32.
+    """
+    local = _local_slice(batch_size, process_index, process_count)   # checked now, not at the first next()
+    batches = image_batches(dataset.test, batch_size, num_batches)
+    return ((images[local], np.zeros(local.stop - local.start, np.float32), mask[local])
+            for _, images, mask in batches)
 
 
 # ----------------------------------------------------------------------------------------------- baseline

@@ -44,13 +44,18 @@ def image_grid(images: np.ndarray, vocab_size: int, ncols: int | None = None) ->
     return grid
 
 
-def save_image_grid(path: str | os.PathLike, images: np.ndarray, vocab_size: int,
-                    ncols: int | None = None) -> Path:
-    """Writes `image_grid(images, vocab_size, ncols)` as a PNG, atomically; creates the parent directory."""
+def png_grid(images: np.ndarray, vocab_size: int, ncols: int | None = None) -> bytes:
+    """`image_grid(images, vocab_size, ncols)` encoded as PNG bytes."""
     grid = image_grid(images, vocab_size, ncols)
     buffer = io.BytesIO()
     Image.fromarray(grid[..., 0] if grid.shape[-1] == 1 else grid).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def save_image_grid(path: str | os.PathLike, images: np.ndarray, vocab_size: int,
+                    ncols: int | None = None) -> Path:
+    """Writes `png_grid(images, vocab_size, ncols)` to `path`, atomically; creates the parent directory."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, png_grid(images, vocab_size, ncols))
     return path

@@ -24,8 +24,13 @@ from tensorboard.summary.writer.record_writer import RecordWriter
 
 from vdm_common import workdir as workdir_lib
 from vdm_common.config import ModelConfig
+from vdm_common.errors import UserError
 
 SPLITS = ("train", "eval")
+
+
+class MetricsFileError(UserError, FileNotFoundError):
+    """A run directory has no metrics.jsonl to read (plot mode before any training)."""
 _event_file_ids = itertools.count()
 
 
@@ -37,12 +42,16 @@ class _EventFile:
     is a trap. This writes the same records with tensorboard's TF-free RecordWriter and protos.
     """
 
-    def __init__(self, logdir: Path):
+    def __init__(self, logdir: Path, purge_step: int | None = None):
         logdir.mkdir(parents=True, exist_ok=True)
         name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
                 f"{next(_event_file_ids)}")
         self._records = RecordWriter(open(logdir / name, "wb"))
         self._write(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2"))
+        if purge_step is not None:
+            # TensorBoard hides the events of earlier files at steps >= purge_step (a restarted run).
+            self._write(event_pb2.Event(wall_time=time.time(), step=purge_step,
+                                        session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START)))
 
     def _write(self, event: event_pb2.Event) -> None:
         self._records.write(event.SerializeToString())
@@ -73,15 +82,21 @@ class MetricsWriter:
     """Appends metrics to `<workdir>/metrics.jsonl` and TensorBoard; a no-op when `enabled` is False.
 
     Pass `enabled=False` on every process but process 0 (JAX process_index / torch rank).
+    resume_step: the step the run continues from. Rows past it were written by a run that stopped after its
+    last checkpoint; they are dropped from metrics.jsonl (and purged from TensorBoard's view, as
+    TensorBoard does after a restart: a SessionLog START at resume_step + 1), so each step appears once.
     """
 
-    def __init__(self, workdir: str | os.PathLike, enabled: bool = True):
+    def __init__(self, workdir: str | os.PathLike, enabled: bool = True, resume_step: int | None = None):
         self.enabled = enabled
         self._paths = workdir_lib.layout(workdir)
         self._events: dict[str, _EventFile] = {}
         self._file = None
+        self._purge_step = None if resume_step is None else resume_step + 1
         if enabled:
             self._paths.root.mkdir(parents=True, exist_ok=True)
+            if resume_step is not None:
+                drop_rows_after(self._paths.metrics, resume_step)
             # A run killed mid-line left a partial last line: start ours on a fresh line.
             partial = False
             if self._paths.metrics.is_file() and self._paths.metrics.stat().st_size > 0:
@@ -104,7 +119,7 @@ class MetricsWriter:
         self._file.write(json.dumps(record, allow_nan=False) + "\n")
         self._file.flush()
         if split not in self._events:
-            self._events[split] = _EventFile(self._paths.tensorboard / split)
+            self._events[split] = _EventFile(self._paths.tensorboard / split, self._purge_step)
         self._events[split].add_scalars(int(step), {k: float(v) for k, v in values.items()})
 
     def close(self) -> None:
@@ -123,6 +138,25 @@ class MetricsWriter:
         self.close()
 
 
+def drop_rows_after(path: Path, step: int) -> int:
+    """Rewrites a metrics.jsonl (atomically) without its rows of steps > `step`; returns how many it dropped.
+    Unreadable lines are kept as they are."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines(keepends=True):
+        try:
+            late = int(json.loads(line)["step"]) > step
+        except (ValueError, KeyError, TypeError):
+            late = False
+        dropped += late
+        if not late:
+            kept.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        workdir_lib.atomic_write_text(path, "".join(kept))
+    return dropped
+
+
 def read_metrics(path: str | os.PathLike) -> list[dict]:
     """The records of a metrics.jsonl, in file order (null values as None).
 
@@ -130,7 +164,7 @@ def read_metrics(path: str | os.PathLike) -> list[dict]:
     """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no metrics file {path}; a training run writes <workdir>/{workdir_lib.METRICS_FILE}")
+        raise MetricsFileError(f"no metrics file {path}; a training run writes <workdir>/{workdir_lib.METRICS_FILE}")
     records, bad = [], []
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
@@ -263,7 +297,7 @@ def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) ->
     """Plots train and eval bpd against step from a metrics.jsonl (either backend's) into a PNG.
 
     Linear axes; a step logged twice (a resumed run re-logs steps after its last checkpoint) keeps its
-    last value. Raises FileNotFoundError for a missing file and ValueError when no row has a bpd.
+    last value. Raises MetricsFileError for a missing file and ValueError when no row has a bpd.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

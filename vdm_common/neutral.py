@@ -33,6 +33,7 @@ import safetensors.numpy
 
 from vdm_common import integrity
 from vdm_common.config import ConfigError, ModelConfig
+from vdm_common.errors import UserError
 from vdm_common.weights import ConversionError, check_tensors
 from vdm_common.workdir import atomic_write_bytes
 
@@ -46,7 +47,7 @@ PREFIXES = {"params": "params/", "ema_params": "ema_params/", "opt_mu": "opt/mu/
 Flat = dict[str, np.ndarray]
 
 
-class NeutralFileError(ValueError):
+class NeutralFileError(UserError, ValueError):
     """A file that is not a readable neutral checkpoint; the message names the path and what is wrong."""
 
 

@@ -19,8 +19,10 @@ from typing import Mapping
 
 import numpy as np
 
+from vdm_common.errors import UserError
 
-class ConversionError(ValueError):
+
+class ConversionError(UserError, ValueError):
     """Weights that do not map one to one onto the target model; the message lists every mismatch."""
 
 

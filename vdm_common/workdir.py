@@ -4,11 +4,12 @@
       config.json      the full config of the run, written once by the first training run
       run.json         which backend created the run, and when
       metrics.jsonl    one JSON object per logged step (vdm_common.metrics)
-      checkpoints/     native checkpoints (+ the neutral safetensors export)
-      samples/         sample grids (PNG)
-      eval/            evaluation results
+      checkpoints/     <native>/ (orbax/<step>/ or torch/step_<step>.pt), neutral/step_<step>.safetensors
+                       (read by either backend), damaged/ (checkpoints that failed to restore, kept)
+      samples/         sample grids, step_<step>_n<num>_T<steps>_seed<seed>_<weights>_<backend>.png
+      eval/            eval results, step_<step>_<bound>_x<draws>_<N>img_<weights>_<backend>.json
       tensorboard/     TensorBoard event files, one run per split (train/, eval/)
-      plots/           PNG plots of metrics.jsonl
+      plots/           bpd.png, the curves of metrics.jsonl
       profile/         traces written by --profile
       .lock            held (flock) by the training run writing this workdir
 
@@ -19,19 +20,22 @@ process 0 calls `prepare_workdir` and holds `workdir_lock`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import fcntl
+import itertools
 import json
 import os
 import socket
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Iterator, NamedTuple
+from typing import Any, BinaryIO, Callable, Iterator
 
 import ml_collections
 
 from vdm_common import config as config_lib
+from vdm_common.errors import UserError
 
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
@@ -43,6 +47,9 @@ EVAL_DIR = "eval"
 TENSORBOARD_DIR = "tensorboard"
 PLOTS_DIR = "plots"
 PROFILE_DIR = "profile"            # made by --profile only
+NEUTRAL_DIR = "neutral"            # under checkpoints/
+DAMAGED_DIR = "damaged"            # under checkpoints/
+PLOT_FILE = "bpd.png"              # under plots/
 SUBDIRS = (CHECKPOINTS_DIR, SAMPLES_DIR, EVAL_DIR, TENSORBOARD_DIR, PLOTS_DIR)
 BACKENDS = ("jax", "torch", "upstream:official", "upstream:pytorch-port")  # who created a run
 
@@ -68,7 +75,7 @@ RESUMABLE_FIELDS = frozenset({
 })
 
 
-class WorkdirError(ValueError):
+class WorkdirError(UserError, ValueError):
     """The workdir cannot be used as asked; the message says why and what to do."""
 
 
@@ -76,27 +83,69 @@ class WorkdirLockedError(WorkdirError):
     """Another live process holds the workdir lock."""
 
 
-class Layout(NamedTuple):
-    """Absolute paths of everything in a workdir."""
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Every path of a workdir, in one place (nothing is created).
+
+    Results are named by what made them, so that no run or mode replaces another's (`eval_path`,
+    `sample_path`); `write_new` refuses to replace a file with other bytes.
+    """
 
     root: Path
-    config: Path
-    run: Path
-    metrics: Path
-    lock: Path
-    checkpoints: Path
-    samples: Path
-    eval: Path
-    tensorboard: Path
-    plots: Path
-    profile: Path
+
+    config = property(lambda self: self.root / CONFIG_FILE)
+    run = property(lambda self: self.root / RUN_FILE)
+    metrics = property(lambda self: self.root / METRICS_FILE)
+    lock = property(lambda self: self.root / LOCK_FILE)
+    checkpoints = property(lambda self: self.root / CHECKPOINTS_DIR)
+    samples = property(lambda self: self.root / SAMPLES_DIR)
+    eval = property(lambda self: self.root / EVAL_DIR)
+    tensorboard = property(lambda self: self.root / TENSORBOARD_DIR)
+    plots = property(lambda self: self.root / PLOTS_DIR)
+    profile = property(lambda self: self.root / PROFILE_DIR)
+    neutral = property(lambda self: self.checkpoints / NEUTRAL_DIR)     # the neutral exports of every step
+    damaged = property(lambda self: self.checkpoints / DAMAGED_DIR)     # checkpoints that failed to restore
+    plot = property(lambda self: self.plots / PLOT_FILE)
+
+    def native(self, kind: str) -> Path:
+        """checkpoints/<kind>/: a backend's own checkpoints ('orbax', 'torch')."""
+        return self.checkpoints / kind
+
+    def neutral_path(self, step: int) -> Path:
+        """checkpoints/neutral/step_<step>.safetensors: the neutral export of the state after `step` updates."""
+        return self.neutral / f"step_{step}.safetensors"
+
+    def eval_path(self, step: int, bound: str, noise_samples: int, num_images: int, weights: str,
+                  backend: str) -> Path:
+        """eval/step_<step>_<bound>_x<draws>_<N>img_<weights>_<backend>.json, e.g.
+        eval/step_5000_continuous_x16_297img_ema_jax.json."""
+        return self.eval / f"step_{step}_{bound}_x{noise_samples}_{num_images}img_{weights}_{backend}.json"
+
+    def sample_path(self, step: int, num_samples: int, sample_steps: int, seed: int, weights: str,
+                    backend: str) -> Path:
+        """samples/step_<step>_n<num>_T<steps>_seed<seed>_<weights>_<backend>.png."""
+        return self.samples / f"step_{step}_n{num_samples}_T{sample_steps}_seed{seed}_{weights}_{backend}.png"
 
 
 def layout(workdir: str | os.PathLike) -> Layout:
     """The paths of a workdir (nothing is created)."""
-    root = Path(workdir).absolute()
-    return Layout(root, root / CONFIG_FILE, root / RUN_FILE, root / METRICS_FILE, root / LOCK_FILE,
-                  *(root / d for d in SUBDIRS), root / PROFILE_DIR)
+    return Layout(Path(workdir).absolute())
+
+
+def write_new(path: Path, data: bytes) -> Path:
+    """Writes `data` atomically to `path`, or, when `path` holds other bytes, to the first free
+    `<stem>.<k><suffix>`: a result is never replaced. Returns the path written (or the one that already
+    holds these bytes)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    candidate = path
+    for k in itertools.count(1):
+        if not candidate.exists():
+            atomic_write_bytes(candidate, data)
+            return candidate
+        if candidate.read_bytes() == data:
+            return candidate
+        candidate = path.with_name(f"{path.stem}.{k}{path.suffix}")
+    raise AssertionError("unreachable")
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:

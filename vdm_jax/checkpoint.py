@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vdm_common import integrity, neutral, run
+from vdm_common import workdir as workdir_lib
 from vdm_common.config import ModelConfig
 from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_jax import convert
@@ -60,7 +61,8 @@ class Checkpointer:
         self.model_config = model_config
         self.max_to_keep = max_to_keep
         self.read_only = read_only
-        self.directory = Path(run.neutral_dir(self.workdir).parent / ORBAX_DIR)
+        self.paths = workdir_lib.layout(self.workdir)
+        self.directory = self.paths.native(ORBAX_DIR)
         self._pending: int | None = None     # step of the save that may still be running in the background
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
@@ -103,9 +105,9 @@ class Checkpointer:
         if jax.process_index() == 0:
             ckpt = convert.state_to_neutral(to_host(state), self.model_config, extra={"source": "vdm_jax.train"})
             try:
-                neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
+                neutral.save_neutral(self.paths.neutral_path(step), ckpt)
             except OSError as e:
-                raise CheckpointError(f"saving the neutral export of step {step} into {run.neutral_dir(self.workdir)} "
+                raise CheckpointError(f"saving the neutral export of step {step} into {self.paths.neutral} "
                                       f"failed: {type(e).__name__}: {e}. Earlier checkpoints are intact; fix the "
                                       f"cause (disk space, permissions) and resume.") from e
             run.prune_neutral(self.workdir, self.max_to_keep)
@@ -136,14 +138,14 @@ class Checkpointer:
 
     # ---------------------------------------------------------------------------------------- restore
     def restore_latest(self, abstract_state: TrainState, opt_config, fresh_optimizer: bool = False,
-                       say=print) -> tuple[TrainState, tuple[int, str]] | None:
-        """(state, (step, source)) of the newest intact checkpoint, or None when there is none: a damaged one
-        is reported and the previous one used (vdm_common.run.restore_newest; process 0 moves damaged ones to
-        checkpoints/damaged/ unless read_only). Arguments as `restore`."""
+                       say=print, step: int | None = None) -> tuple[TrainState, tuple[int, str]] | None:
+        """(state, (step, source)) of the newest intact checkpoint (of `step` only, when given), or None when
+        there is none: a damaged one is reported and the previous one used (vdm_common.run.restore_newest;
+        process 0 moves damaged ones to checkpoints/damaged/ unless read_only). Arguments as `restore`."""
         restored = run.restore_newest(
-            run.checkpoint_candidates(self.workdir, self.orbax_steps(), ORBAX_DIR),
+            run.checkpoint_candidates(self.workdir, self.orbax_steps(), ORBAX_DIR, step),
             lambda step, source: self.restore(step, source, abstract_state, opt_config, fresh_optimizer),
-            lambda step, source: self.step_dir(step) if source == ORBAX_DIR else run.neutral_path(self.workdir, step),
+            lambda step, source: self.step_dir(step) if source == ORBAX_DIR else self.paths.neutral_path(step),
             move_damaged=not self.read_only and jax.process_index() == 0, say=say)
         if self._manager is not None:
             self._manager.reload()          # a damaged step moved away is no longer orbax's
@@ -168,7 +170,7 @@ class Checkpointer:
                 raise DamagedCheckpointError(
                     f"cannot restore checkpoint step {step} from {self.step_dir(step)}: "
                     f"{type(e).__name__}: {e} (steps present: {self.orbax_steps()}).") from e
-        path = run.neutral_path(self.workdir, step)
+        path = self.paths.neutral_path(step)
         try:
             ckpt = neutral.load_neutral(path)
         except (neutral.NeutralFileError, convert.ConversionError) as e:

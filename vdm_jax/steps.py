@@ -144,8 +144,10 @@ def train_substeps(model_config: ModelConfig, opt: ml_collections.ConfigDict, st
     return state, dict(means, skipped=jnp.sum(skipped), skipped_per_step=skipped)
 
 
-def eval_terms(model_config: ModelConfig, params, images, conditioning, rng: jax.Array):
-    """Per-example -ELBO in bits/dim (B,) with noise from rng (dropout off): the eval quantity."""
-    terms = VDM(model_config).apply({"params": params}, images, conditioning,
-                                    draw_noise(rng, images.shape, model_config), True, method=VDM.loss_terms)
-    return (terms.recon + terms.klz + terms.diff) * nats_to_bpd_scale(images.shape[1:])
+def eval_terms(model_config: ModelConfig, params, images, conditioning, noise: Noise) -> dict:
+    """Per-example -ELBO and its three terms in bits/dim, {'bpd', 'bpd_recon', 'bpd_latent', 'bpd_diff'}
+    each (B,), with the injected noise (vdm_common.noise draws it for eval), dropout off: the eval quantity."""
+    terms = VDM(model_config).apply({"params": params}, images, conditioning, noise, True, method=VDM.loss_terms)
+    scale = nats_to_bpd_scale(images.shape[1:])
+    return {"bpd": (terms.recon + terms.klz + terms.diff) * scale, "bpd_recon": terms.recon * scale,
+            "bpd_latent": terms.klz * scale, "bpd_diff": terms.diff * scale}

@@ -180,11 +180,14 @@ class VDM(nn.Module):
         # sigma_s^2 c written as sigmoid(g_s) c: 1 - sigmoid(-g_s) cancels in float32 at g_s = -13.3.
         return mean + jnp.sqrt(jax.nn.sigmoid(g_s) * c) * eps
 
-    def generate_x(self, z_0, rng: jax.Array | None = None):
+    def generate_x(self, z_0, rng: jax.Array | None = None, gumbel=None):
         """Decodes z_0 (B, H, W, C) to integer images: argmax of p(x | z_0), or a sample when
-        model.sample_softmax (then `rng`, or the 'sample' stream, draws it)."""
+        model.sample_softmax: Gumbel-max with the injected `gumbel` (B, H, W, C, V) when given, else drawn
+        from `rng` or the 'sample' stream."""
         g_0 = self.gamma(0.0)
         logprobs = self.decode(z_0 / jnp.sqrt(1.0 - jax.nn.sigmoid(g_0)), g_0)
+        if self.config.sample_softmax and gumbel is not None:
+            return jnp.argmax(logprobs + gumbel, axis=-1).astype(jnp.int32)
         if self.config.sample_softmax:
             rng = self.make_rng("sample") if rng is None else rng
             return jax.random.categorical(rng, logprobs, axis=-1).astype(jnp.int32)

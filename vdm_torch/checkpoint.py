@@ -36,6 +36,7 @@ import ml_collections
 import torch
 
 from vdm_common import integrity, neutral, run
+from vdm_common import workdir as workdir_lib
 from vdm_common.config import ConfigError, ModelConfig
 from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_common.workdir import atomic_write
@@ -107,7 +108,8 @@ class Checkpointer:
         self.model_config = model_config
         self.max_to_keep = max_to_keep
         self.read_only = read_only
-        self.directory = Path(run.neutral_dir(self.workdir).parent / TORCH_DIR)
+        self.paths = workdir_lib.layout(self.workdir)
+        self.directory = self.paths.native(TORCH_DIR)
 
     # ------------------------------------------------------------------------------------------- steps
     def path(self, step: int) -> Path:
@@ -142,7 +144,7 @@ class Checkpointer:
             obj["sha256"] = digest(obj)
             atomic_torch_save(obj, path)
             ckpt = convert.state_to_neutral(state, extra={"source": "vdm_torch.train"})
-            neutral.save_neutral(run.neutral_path(self.workdir, step), ckpt)
+            neutral.save_neutral(self.paths.neutral_path(step), ckpt)
         except (OSError, RuntimeError, ConversionError) as e:
             raise CheckpointError(f"saving checkpoint step {step} into {self.directory} failed: "
                                   f"{type(e).__name__}: {e}. Earlier checkpoints are intact; fix the cause (disk "
@@ -219,18 +221,18 @@ class Checkpointer:
 
     def restore_latest(self, opt_config: ml_collections.ConfigDict, device: torch.device | str = "cpu",
                        fused: bool | None = None, restore_rng: bool = False, fresh_optimizer: bool = False,
-                       say=print) -> tuple[TrainState, tuple[int, str]] | None:
-        """(state, (step, source)) of the newest intact checkpoint, or None when there is none: a damaged one
-        is reported and the previous one used (vdm_common.run.restore_newest; damaged ones are moved to
-        checkpoints/damaged/ unless read_only). Arguments as `restore`."""
+                       say=print, step: int | None = None) -> tuple[TrainState, tuple[int, str]] | None:
+        """(state, (step, source)) of the newest intact checkpoint (of `step` only, when given), or None when
+        there is none: a damaged one is reported and the previous one used (vdm_common.run.restore_newest;
+        damaged ones are moved to checkpoints/damaged/ unless read_only). Arguments as `restore`."""
         return run.restore_newest(
-            run.checkpoint_candidates(self.workdir, self.torch_steps(), TORCH_DIR),
+            run.checkpoint_candidates(self.workdir, self.torch_steps(), TORCH_DIR, step),
             lambda step, source: self.restore(step, source, opt_config, device, fused, restore_rng, fresh_optimizer),
-            lambda step, source: self.path(step) if source == TORCH_DIR else run.neutral_path(self.workdir, step),
+            lambda step, source: self.path(step) if source == TORCH_DIR else self.paths.neutral_path(step),
             move_damaged=not self.read_only, say=say)
 
     def _restore_neutral(self, step: int, opt_config, device, fused, fresh_optimizer: bool) -> TrainState:
-        path = run.neutral_path(self.workdir, step)
+        path = self.paths.neutral_path(step)
         try:
             ckpt = neutral.load_neutral(path)
         except (neutral.NeutralFileError, ConversionError) as e:

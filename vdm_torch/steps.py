@@ -197,7 +197,10 @@ def all_finite(loss: torch.Tensor, grad_norm: torch.Tensor, num_processes: int =
 
 
 @torch.no_grad()
-def eval_terms(model: VDM, images, conditioning, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-example -ELBO in bits/dim (B,) with noise from generator (dropout off): the eval quantity."""
-    terms = model.loss_terms(images, conditioning, deterministic=True, generator=generator)
-    return (terms.recon + terms.klz + terms.diff) * nats_to_bpd_scale(images.shape[1:])
+def eval_terms(model: VDM, images, conditioning, noise: Noise) -> dict:
+    """Per-example -ELBO and its three terms in bits/dim, {'bpd', 'bpd_recon', 'bpd_latent', 'bpd_diff'}
+    each (B,), with the injected noise (vdm_common.noise draws it for eval), dropout off: the eval quantity."""
+    terms = model.loss_terms(images, conditioning, noise, deterministic=True)
+    scale = nats_to_bpd_scale(images.shape[1:])
+    return {"bpd": (terms.recon + terms.klz + terms.diff) * scale, "bpd_recon": terms.recon * scale,
+            "bpd_latent": terms.klz * scale, "bpd_diff": terms.diff * scale}

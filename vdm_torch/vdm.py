@@ -199,11 +199,14 @@ class VDM(nn.Module):
         # sigma_s^2 c written as sigmoid(g_s) c: 1 - sigmoid(-g_s) cancels in float32 at g_s = -13.3.
         return mean + torch.sqrt(torch.sigmoid(g_s) * c) * eps
 
-    def generate_x(self, z_0, generator: torch.Generator | None = None):
+    def generate_x(self, z_0, generator: torch.Generator | None = None, gumbel=None):
         """Decodes z_0 (B, C, H, W) to integer images: argmax of p(x | z_0), or a sample when
-        model.sample_softmax (drawn from `generator`)."""
+        model.sample_softmax: Gumbel-max with the injected `gumbel` (B, C, H, W, V) when given, else drawn
+        from `generator`."""
         g_0 = self.gamma(0.0)
         logprobs = self.decode(z_0 / torch.sqrt(1.0 - torch.sigmoid(g_0)), g_0)
+        if self.config.sample_softmax and gumbel is not None:
+            return torch.argmax(logprobs + gumbel, dim=-1).to(torch.int32)
         if self.config.sample_softmax:
             probs = logprobs.exp().reshape(-1, logprobs.shape[-1])
             draws = torch.multinomial(probs, 1, generator=generator)

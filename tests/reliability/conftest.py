@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vdm_common import neutral, run
+from vdm_common import workdir as workdir_lib
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"jax": "train_jax.py", "torch": "train_torch.py"}
@@ -46,7 +47,7 @@ def run_with_fault(backend: str, workdir: Path, fault: str = "none", *extra: str
 
 
 def final_state(workdir: Path, step: int = TOTAL_STEPS) -> neutral.NeutralCheckpoint:
-    return neutral.load_neutral(run.neutral_path(str(workdir), step))
+    return neutral.load_neutral(workdir_lib.layout(workdir).neutral_path(step))
 
 
 def assert_same_state(a: neutral.NeutralCheckpoint, b: neutral.NeutralCheckpoint) -> None:

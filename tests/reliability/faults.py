@@ -96,16 +96,16 @@ def no_space(temp) -> None:
 
 
 def in_eval(k: int) -> None:
-    original = data.eval_batches
+    original = data.image_batches
     calls = {"n": 0}
 
-    def eval_batches(*args, **kwargs):
+    def image_batches(*args, **kwargs):
         calls["n"] += 1
         for i, batch in enumerate(original(*args, **kwargs)):
             if calls["n"] == k and i == 1:
                 _kill()
             yield batch
-    data.eval_batches = eval_batches
+    data.image_batches = image_batches
 
 
 def send(name: str, rank: str | None = None):

@@ -3,7 +3,7 @@
 Config values of the wrong type or range and unknown keys, config files that are not config files, data
 files that are empty or hold unusable images, a workdir or checkpoint of another model config, and the
 converter pointed at a file of the wrong kind. Each row calls the function the entry scripts call
-(`load_config`, `run.mode_config`, `data.load_dataset`, the trainers' `main`, the checkpoint and converter
+(`load_config`, `trainer.mode_config`, `data.load_dataset`, the trainers' `main`, the checkpoint and converter
 readers) and expects the project's own exception, whose message names the field or the file and says what
 to do. A few cases run the real command lines as subprocesses, to check what the user finally sees: the
 exit status, a single `error: ...` message, no traceback, and the file pointed at left byte-for-byte
@@ -30,7 +30,7 @@ import pytest
 
 import convert
 from vdm_common import config as config_lib
-from vdm_common import data, neutral, run, upstream
+from vdm_common import data, neutral, run, trainer, upstream
 from vdm_common import workdir as workdir_lib
 from vdm_common.config import ConfigError
 from vdm_common.weights import ConversionError
@@ -38,10 +38,9 @@ from vdm_common.weights import ConversionError
 torch = pytest.importorskip("torch")
 jax = pytest.importorskip("jax")
 from vdm_jax import convert as jax_convert  # noqa: E402
-from vdm_jax import train as jax_train  # noqa: E402
 from vdm_torch import checkpoint as torch_checkpoint  # noqa: E402
 from vdm_torch import convert as torch_convert  # noqa: E402
-from vdm_torch import train as torch_train  # noqa: E402
+from tests.conftest import run_mode  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 QUICKSTART = str(ROOT / "configs" / "quickstart.py")
@@ -63,8 +62,8 @@ def trained(tmp_path_factory) -> Path:
     """A workdir of 2 steps of the torch trainer (native + neutral checkpoints of step 2), and beside it the
     EMA weights as a flax msgpack file (ema.msgpack)."""
     workdir = tmp_path_factory.mktemp("trained") / "run"
-    torch_train.main(tiny_config(), str(workdir), device="cpu")
-    jax_convert.save_native(workdir.parent / "ema.msgpack", neutral.load_neutral(run.neutral_path(workdir, 2)),
+    run_mode("torch", tiny_config(), workdir, device="cpu")
+    jax_convert.save_native(workdir.parent / "ema.msgpack", neutral.load_neutral(workdir_lib.layout(workdir).neutral_path(2)),
                             "ema_params")
     return workdir
 
@@ -104,7 +103,7 @@ def load_npz(path: Path) -> data.Dataset:
 def stored_config(tmp: Path, content: bytes | str) -> ml_collections.ConfigDict:
     """Eval mode of a workdir whose config.json holds `content` (eval reads the stored config)."""
     write(tmp / workdir_lib.CONFIG_FILE, content)
-    return run.mode_config("eval", str(tmp), None)
+    return trainer.mode_config("eval", str(tmp), None)
 
 
 def quickstart_json(**changes) -> str:
@@ -215,24 +214,24 @@ CASES = {
     "npz path is a directory": Case(
         lambda tmp, _: load_npz(tmp), data.DataError, ("{tmp}", "is a directory"), "set config.data.npz_path"),
     "data vocabulary differs from the model's": Case(
-        lambda tmp, _: torch_train.main(tiny_config("model.vocab_size=256"), str(tmp / "run"), device="cpu"),
+        lambda tmp, _: run_mode("torch", tiny_config("model.vocab_size=256"), tmp / "run", device="cpu"),
         run.RunError, ("vocab_size 17", "config.model has vocab_size 256"), "set config.model to match the data"),
     # ----------------------------------------------------- a workdir / checkpoint of another model config
     "torch resume with another model": Case(
-        lambda tmp, workdir: torch_train.main(tiny_config(OTHER_MODEL), str(workdir), device="cpu"),
+        lambda tmp, workdir: run_mode("torch", tiny_config(OTHER_MODEL), workdir, device="cpu"),
         workdir_lib.WorkdirError, ("{run}", "model.sm_n_embd: stored=8 new=16"), "Use a new --workdir",
         needs_run=True),
     "jax resume of a torch run with another model": Case(
-        lambda tmp, workdir: jax_train.main(tiny_config(OTHER_MODEL), str(workdir), devices=jax.devices()[:1]),
+        lambda tmp, workdir: run_mode("jax", tiny_config(OTHER_MODEL), workdir, devices=jax.devices()[:1]),
         workdir_lib.WorkdirError, ("{run}", "model.sm_n_embd: stored=8 new=16"), "Use a new --workdir",
         needs_run=True),
     "torch eval with another model": Case(
-        lambda tmp, workdir: torch_train.main(None, str(workdir), "eval", {"model.sm_n_embd": 16}, device="cpu"),
+        lambda tmp, workdir: run_mode("torch", None, workdir, "eval", {"model.sm_n_embd": 16}, device="cpu"),
         run.RunError, ("{run}/config.json", "['model.sm_n_embd']"), "Fields that may be overridden here",
         needs_run=True),
     "jax eval with another model": Case(
-        lambda tmp, workdir: jax_train.main(None, str(workdir), "eval", {"model.sm_n_embd": 16},
-                                            devices=jax.devices()[:1]),
+        lambda tmp, workdir: run_mode("jax", None, workdir, "eval", {"model.sm_n_embd": 16},
+                                       devices=jax.devices()[:1]),
         run.RunError, ("{run}/config.json", "['model.sm_n_embd']"), "Fields that may be overridden here",
         needs_run=True),
     "torch checkpoint restored as another model": Case(
@@ -244,7 +243,7 @@ CASES = {
         ("{run}/checkpoints/neutral/step_2.safetensors", "sm_n_embd: checkpoint=8 run=16"),
         "model config different", needs_run=True),
     "convert a neutral file with another config": Case(
-        lambda tmp, workdir: convert.convert(run.neutral_path(workdir, 2), tmp / "out.pt",
+        lambda tmp, workdir: convert.convert(workdir_lib.layout(workdir).neutral_path(2), tmp / "out.pt",
                                              tiny_config(OTHER_MODEL)),
         ConversionError, ("{run}/checkpoints/neutral/step_2.safetensors", "sm_n_embd: file=8 config=16"),
         "differs from --config's", needs_run=True),
@@ -260,7 +259,7 @@ CASES = {
         lambda tmp, _: convert.convert(write(tmp / "x.safetensors", "hello"), tmp / "y.pt"),
         neutral.NeutralFileError, ("{tmp}/x.safetensors",), "is not a safetensors file"),
     "safetensors file named .pt": Case(
-        lambda tmp, workdir: convert.convert(write(tmp / "x.pt", run.neutral_path(workdir, 2).read_bytes()),
+        lambda tmp, workdir: convert.convert(write(tmp / "x.pt", workdir_lib.layout(workdir).neutral_path(2).read_bytes()),
                                              tmp / "y.safetensors"),
         ConversionError, ("{tmp}/x.pt", "is not a torch file"), "give it the .safetensors extension",
         needs_run=True),
@@ -336,7 +335,7 @@ CLI_CASES = {
         ("{input}", "not a readable .npz archive"), "np.savez"),
     "converter pointed at a text file": pytest.param(
         lambda tmp: write(tmp / "notes.safetensors", "not a checkpoint, some notes\n" * 4),
-        ("convert.py", "--from={input}", "--to=out.pt"), 2,      # convert.py's status for every error
+        ("convert.py", "--from={input}", "--to=out.pt"), 1,      # one status for every user error, as the trainers
         ("{input}", "is not a safetensors file"), "bad header length"),
 }
 
@@ -359,7 +358,7 @@ def test_command_line_prints_one_error_and_leaves_the_input_alone(tmp_path, make
 
 def test_converter_reports_a_target_it_cannot_write(trained, tmp_path, capsys):
     blocker = write(tmp_path / "notes.txt", "a file where --to wants a folder")
-    status = convert.main([f"--from={run.neutral_path(trained, 2)}", f"--to={blocker}/out.safetensors"])
+    status = convert.main([f"--from={workdir_lib.layout(trained).neutral_path(2)}", f"--to={blocker}/out.safetensors"])
     err = capsys.readouterr().err
-    assert status == 2 and err.startswith("error: ") and err.count("error:") == 1, err
+    assert status == 1 and err.startswith("error: ") and err.count("error:") == 1, err
     assert str(blocker) in err and "check the --from and --to paths" in err, err

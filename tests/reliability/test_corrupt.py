@@ -16,6 +16,7 @@ import safetensors.numpy
 
 from conftest import assert_same_state, final_state, run_with_fault, tree_digest
 from vdm_common import run
+from vdm_common import workdir as workdir_lib
 
 
 def flip_byte(path: Path, offset: int | None = None) -> None:
@@ -67,10 +68,10 @@ def test_newest_step_damaged_everywhere_resumes_from_the_previous_one_and_retrai
     workdir = copy_of(uninterrupted(backend))
     if backend == "jax":     # orbax's metadata file of step 12 missing, its neutral export cut short
         (workdir / "checkpoints" / "orbax" / "12" / "_CHECKPOINT_METADATA").unlink()
-        cut_short(run.neutral_path(str(workdir), 12))
+        cut_short(workdir_lib.layout(workdir).neutral_path(12))
     else:                    # the torch file cut short, the neutral export without its metadata
         cut_short(native_file(workdir, backend, 12))
-        drop_metadata(run.neutral_path(str(workdir), 12))
+        drop_metadata(workdir_lib.layout(workdir).neutral_path(12))
     out = resume(backend, workdir)
     assert out.count("cannot restore checkpoint step 12") == 2 and "resumed from step 8" in out
     # Steps 8..12 trained again give the very state the damaged files held.
@@ -84,12 +85,12 @@ def test_no_intact_checkpoint_is_a_clear_error_and_nothing_is_touched(backend, u
     for step in (4, 8, 12):
         flip_byte(native_file(workdir, backend, step))
         # A flipped byte in the JSON header would make it unreadable; in the tensor bytes the checksum finds it.
-        header = struct.unpack("<Q", run.neutral_path(str(workdir), step).read_bytes()[:8])[0]
-        flip_byte(run.neutral_path(str(workdir), step), offset=8 + header + 5)
+        header = struct.unpack("<Q", workdir_lib.layout(workdir).neutral_path(step).read_bytes()[:8])[0]
+        flip_byte(workdir_lib.layout(workdir).neutral_path(step), offset=8 + header + 5)
     before = tree_digest(workdir)
     message = resume(backend, workdir, returncode=1).split("error: ", 1)[1]
     for step in (4, 8, 12):
-        assert f"step {step} (neutral)" in message and str(run.neutral_path(str(workdir), step)) in message
+        assert f"step {step} (neutral)" in message and str(workdir_lib.layout(workdir).neutral_path(step)) in message
     assert "checksum" in message and "Nothing was deleted or moved" in message
     after = tree_digest(workdir)
     assert {k: v for k, v in after.items() if k != ".lock"} == {k: v for k, v in before.items() if k != ".lock"}

@@ -13,6 +13,7 @@ import pytest
 from conftest import ROOT, RUN, env, run_with_fault
 from vdm_common import config as config_lib
 from vdm_common import workdir as workdir_lib
+from tests.conftest import run_mode
 
 HOLD = """
 import sys, time
@@ -39,12 +40,8 @@ def holder(tmp_path):
 def test_second_run_is_refused_while_the_first_holds_the_workdir(backend, holder, tmp_path):
     workdir = tmp_path / "run"
     config = config_lib.load_config(str(ROOT / "configs" / "quickstart.py"), RUN)
-    if backend == "jax":
-        from vdm_jax import train
-    else:
-        from vdm_torch import train
     with pytest.raises(workdir_lib.WorkdirLockedError) as error:
-        train.main(config, str(workdir), "train")
+        run_mode(backend, config, workdir)
     message = str(error.value)
     assert f"pid {holder.pid}" in message and "in use by another training run" in message
     assert "different --workdir" in message

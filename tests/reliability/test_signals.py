@@ -19,11 +19,10 @@ from vdm_common import run
 @pytest.mark.parametrize("backend,signame", [("jax", "SIGTERM"), ("torch", "SIGTERM"), ("torch", "SIGINT")])
 def test_signal_saves_the_current_step_and_the_run_resumes_exactly(backend, signame, tmp_path, uninterrupted):
     workdir = tmp_path / "run"
-    # The signal arrives while the call of steps 4..6 runs (torch loads each step's batch in the call; JAX
-    # loads the next call's batches, 6..8, while it runs): that call completes, then the loop saves step 6
-    # (a step no periodic save covers: they are every 4) and stops.
-    at = {"jax": 7, "torch": 5}[backend]
-    proc = run_with_fault(backend, workdir, f"signal-at-step:{at}:{signame}")
+    # The signal arrives while the call of steps 4..6 runs (the loop loads the next call's batches, 6..8,
+    # while a call runs): that call completes, then the loop saves step 6 (a step no periodic save covers:
+    # they are every 4) and stops.
+    proc = run_with_fault(backend, workdir, f"signal-at-step:7:{signame}")
     assert proc.returncode == 128 + signal.Signals[signame].value, proc.stderr[-2000:]
     assert f"received {signame}" in proc.stdout and f"stopped by {signame} at step 6" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -36,7 +35,7 @@ def test_signal_saves_the_current_step_and_the_run_resumes_exactly(backend, sign
 
 def test_a_second_signal_stops_at_once_without_saving(tmp_path):
     workdir = tmp_path / "run"
-    proc = run_with_fault("torch", workdir, "signal-at-step:5:twice")
+    proc = run_with_fault("torch", workdir, "signal-at-step:7:twice")
     assert proc.returncode == -signal.SIGTERM
     assert "received SIGTERM" in proc.stdout and "stopped by" not in proc.stdout
     assert run.neutral_steps(str(workdir)) == [4]
@@ -46,7 +45,7 @@ def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
     # Rank 0 alone gets SIGTERM (a preemption notice may reach one host first): both processes agree to stop
     # after the call of steps 4..6, save step 6 once and stop; torchrun reports the exit status.
     workdir = tmp_path / "run"
-    proc = run_with_fault("torch", workdir, "signal-at-step:5:SIGTERM:0", processes=2)
+    proc = run_with_fault("torch", workdir, "signal-at-step:7:SIGTERM:0", processes=2)
     assert proc.returncode != 0 and "stopped by SIGTERM at step 6" in proc.stdout, proc.stderr[-3000:]
     assert run.neutral_steps(str(workdir)) == [4, 6]
     proc = run_with_fault("torch", workdir, processes=2)
