@@ -303,7 +303,7 @@ TINY_RUN = TINY_MODEL + [
     "training.batch_size_eval=100", "training.num_eval_batches=0", "training.steps_per_logging=2",
     "training.steps_per_eval=6", "training.steps_per_save=2", "training.checkpoints_to_keep=2",
     "training.steps_per_sample=6", "training.num_samples=4", "training.sample_steps=3",
-    "optimizer.num_steps_lr_warmup=2",
+    "training.eval_noise_samples=1", "optimizer.num_steps_lr_warmup=2",
 ]
 
 
