@@ -7,7 +7,7 @@
 Each (backend, size, dtype) runs in its own subprocess, one after the other, so peak memory and thread
 pools do not mix. A worker times N training steps after warm-up (median and spread, device
 synchronised), sampling steps, and eval batches, and a large GEMM in the same framework on the same
-device. Utilisation = analytic FLOPs of a training step (vdm_common/flops.py) per second of median step
+device. Utilisation = analytic FLOPs of a training step (vdm_common/architecture.py) per second of median step
 time, over the device's matmul ceiling: the faster of the two frameworks' GEMMs of that dtype in the run
 (and, in brackets, over the framework's own GEMM). Writes bench.json and bench.md under --out.
 
@@ -33,7 +33,7 @@ import time
 
 
 from vdm_common.config import ModelConfig, make_config
-from vdm_common.flops import sample_step_flops, train_step_flops
+from vdm_common.architecture import sample_step_flops, train_step_flops
 
 # The small config is the one the upstream implementations were timed on (16x16x3, batch 16, 64 channels,
 # 8 blocks, Fourier features, mid attention only, dropout 0.1, learned scalar schedule, one AdamW step).

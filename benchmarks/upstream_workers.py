@@ -44,7 +44,7 @@ import numpy as np
 from benchmarks.bench import (BASE_MODEL, SIZES, jax_device_figures, jax_timed, model_for, summarise,
                               torch_device_figures, torch_timed)
 from vdm_common.config import ModelConfig, make_config
-from vdm_common.upstream import PORT_SCHEDULES
+from vdm_common.upstream.port import PORT_SCHEDULES
 
 SAMPLE_STEPS = 1000      # T of the ancestral sampler whose steps are timed, as in our workers
 

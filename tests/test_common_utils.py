@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from vdm_common import config as config_lib
-from vdm_common import images, metrics, workdir
+from vdm_common import images, metrics, weights, workdir
 
 
 def small_config(**model):
@@ -259,22 +259,17 @@ def test_estimate_memory_bytes_formula():
     assert metrics.estimate_memory_bytes(1000, 250, 8, activation_bytes_per_element=2) == 24_000
 
 
-def test_unet_activation_elements_by_hand():
-    model = dict(sm_n_embd=4, sm_n_layer=1, norm_groups=2, image_channels=1, with_attention=True,
-                 attention_heads=2, fourier_start=6, fourier_stop=8)
-    mc = config_lib.ModelConfig(**model)
-    # 2x2 image, P = 4 pixels, E = 4, per pixel:
-    #   input 1 * (1 + 2 * 2 frequencies) = 5
-    #   1 down + 2 mid resnet blocks (c = E):  3 * (3*4 + 4*4) = 84
-    #   2 up resnet blocks (c = 2E, shortcut): 2 * (3*8 + 4*4 + 4) = 88
-    #   attention: mid + 1 down + 2 up = 4 blocks * (6*4 + 2 heads * 4 pixels) = 128
-    #   final norm + swish: 8
-    assert metrics.unet_activation_elements(mc, (2, 2, 1)) == 4 * (5 + 84 + 88 + 128 + 8)
-    assert metrics.unet_activation_elements(small_config(**model).model, (2, 2)) == 4 * 313
-    # No Fourier features, no attention but the middle one (1 head), no down blocks:
-    #   1 + 2 * 28 + 1 * 44 + (24 + 4) + 8 = 137 per pixel.
-    plain = dict(model, sm_n_layer=0, with_attention=False, attention_heads=1, with_fourier_features=False)
-    assert metrics.unet_activation_elements(plain, (2, 2, 1)) == 4 * 137
+# ---------------------------------------------------------------------------------------------- weights
+
+def test_wrapper_prefixes_are_stripped_when_every_key_carries_them():
+    """DDP's `module.` and torch.compile's `_orig_mod.`, nested in either order and repeated; a prefix that
+    only some keys carry stays (the strict check then reports those keys)."""
+    state = {"a.weight": 1, "b.bias": 2}
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod.", "_orig_mod.module.", "module.module."):
+        assert weights.strip_wrapper_prefixes({prefix + k: v for k, v in state.items()}) == state
+    mixed = {"module.a.weight": 1, "b.bias": 2}
+    assert weights.strip_wrapper_prefixes(mixed) == mixed
+    assert weights.strip_wrapper_prefixes({}) == {}
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -36,17 +36,15 @@ import optax  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 import yaml  # noqa: E402
 
-from vdm_common import upstream  # noqa: E402
-from vdm_common.config import ModelConfig, load_config  # noqa: E402
+from vdm_common import architecture, upstream  # noqa: E402
+from vdm_common.config import ModelConfig  # noqa: E402
 from vdm_common.types import Noise, bits_per_dim  # noqa: E402
-from vdm_common.upstream import UpstreamError  # noqa: E402
-from vdm_common.weights import (flatten_tree, neutral_to_torch_layout, torch_layout_to_neutral,  # noqa: E402
-                                unflatten_tree)
+from vdm_common.upstream import UpstreamError, official, port  # noqa: E402
+from vdm_common.weights import flatten_tree, neutral_to_torch_layout, unflatten_tree  # noqa: E402
 import vdm_jax.vdm as jvdm  # noqa: E402
 import vdm_torch.vdm as tvdm  # noqa: E402
 
 DATA = pathlib.Path(__file__).resolve().parent / "data"
-ROOT = pathlib.Path(__file__).resolve().parents[1]
 HW, B = 8, 4
 
 
@@ -115,29 +113,11 @@ def total(terms):
     return np.asarray(terms.recon) + np.asarray(terms.klz) + np.asarray(terms.diff)
 
 
-# ------------------------------------------------------------------------------- our model's shapes
-
-def test_model_param_shapes_match_the_official_tree_and_both_backends():
-    raw = json.loads((DATA / "official_vdm_cifar10_param_shapes.json").read_text())   # "['a']['b']": shape
-    official_param_shapes = {"/".join(re.findall(r"\['([^']+)'\]", k)): tuple(v) for k, v in raw.items()}
-    official = load_config(str(ROOT / "configs" / "cifar10.py"))
-    assert upstream.model_param_shapes(ModelConfig.from_config(official.model)) == official_param_shapes
-    for fields in (dict(gamma_type="fixed", with_attention=True, attention_heads=2),
-                   dict(gamma_type="learnable_nnet", with_fourier_features=False, image_channels=1),
-                   dict(fourier_start=5, fourier_stop=7, fourier_order="frequency_major", sm_n_layer=2)):
-        mc = ModelConfig.from_config({**dict(sm_n_embd=16, sm_n_layer=1, norm_groups=4, sm_pdrop=0.0), **fields})
-        expected = upstream.model_param_shapes(mc)
-        variables = jax.eval_shape(lambda k: jvdm.init_params(mc, k, (HW, HW, mc.image_channels)),
-                                   jax.random.PRNGKey(0))
-        leaves = jax.tree_util.tree_leaves_with_path(variables["params"])
-        assert {"/".join(k.key for k in path): tuple(v.shape) for path, v in leaves} == expected
-        state = {k: v.numpy() for k, v in tvdm.VDM(mc).state_dict().items()}
-        assert {k: v.shape for k, v in torch_layout_to_neutral(state).items()} == expected
-
+# ------------------------------------------------------------------------------------ the port's layout
 
 def test_port_layout_matches_the_reference_state_dicts():
     for name, shapes in json.loads((DATA / "pytorch_port_state_dict_shapes.json").read_text()).items():
-        layout = upstream.port_param_layout(port_cfg(name))
+        layout = port.port_param_layout(port_cfg(name))
         assert list(layout.items()) == [(k, tuple(v)) for k, v in shapes.items()], name   # order too
 
 
@@ -172,7 +152,7 @@ def official_state(mc: ModelConfig, step: int, seed: int = 0) -> OfficialTrainSt
     model has (GroupNorm scales near 1, gamma near its init), and optax.adamw with the bias mask, whose
     opt_state is (scale_by_adam {count, mu, nu}, masked {inner_state: {}}, {})."""
     flat = {}
-    for i, (key, shape) in enumerate(sorted(upstream.model_param_shapes(mc).items())):
+    for i, (key, shape) in enumerate(sorted(architecture.model_param_shapes(mc).items())):
         flat[key] = normal(seed * 1000 + i, shape, 0.1 if len(shape) == 1 else 1.0 / math.sqrt(np.prod(shape[:-1])))
         if key.endswith("/scale"):
             flat[key] += 1.0
@@ -237,7 +217,7 @@ def test_official_import_prefers_the_checkpoint_that_tensorflow_completed(tmp_pa
     mc = ModelConfig.from_config(OFFICIAL_SMALL)
     states = {1: official_state(mc, 10), 2: official_state(mc, 20, seed=3)}
     write_clu_layout(tmp_path, states, latest=1)          # ckpt-2.flax written, its TF part not committed
-    imp = upstream.read_official(tmp_path, mc)
+    imp = official.read_official(tmp_path, mc)
     assert imp.step == 10 and any("ckpt-1" in line for line in imp.report)
 
 
@@ -250,7 +230,7 @@ def test_official_import_with_clu_itself(tmp_path):
     for state in states:
         ckpt.save(state)
     assert sorted(p.name for p in (tmp_path / "checkpoints-0").glob("*.flax")) == ["ckpt-1.flax", "ckpt-2.flax"]
-    check_official_import(upstream.read_official(tmp_path, mc), states[1], mc)
+    check_official_import(official.read_official(tmp_path, mc), states[1], mc)
     # The file we write without TensorFlow is the one clu writes.
     assert (tmp_path / "checkpoints-0" / "ckpt-2.flax").read_bytes() == flax.serialization.to_bytes(states[1])
 
@@ -262,33 +242,33 @@ def test_official_import_errors_name_the_file_and_the_mismatch(tmp_path):
 
     wider = dataclasses.replace(mc, sm_n_embd=32)
     with pytest.raises(UpstreamError) as err:
-        upstream.read_official(directory, wider)
+        official.read_official(directory, wider)
     text = str(err.value)
     assert str(good) in text and "mis-shaped" in text and "score_model/conv_in/kernel" in text
     assert "sm_n_embd=16" in text                       # what the tensors imply
     with pytest.raises(UpstreamError, match="missing"):
-        upstream.read_official(directory, dataclasses.replace(mc, sm_n_layer=2))
+        official.read_official(directory, dataclasses.replace(mc, sm_n_layer=2))
 
     truncated = tmp_path / "truncated" / "ckpt-3.flax"
     truncated.parent.mkdir()
     truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
     with pytest.raises(UpstreamError, match=f"{truncated}.*truncated, corrupt"):
-        upstream.read_official(truncated, mc)
+        official.read_official(truncated, mc)
 
     foreign = tmp_path / "foreign" / "ckpt-1.flax"
     foreign.parent.mkdir()
     torch.save({"model": {}}, foreign)
     with pytest.raises(UpstreamError, match="zip archive.*pytorch-port"):
-        upstream.read_official(foreign, mc)
+        official.read_official(foreign, mc)
     foreign.write_bytes(flax.serialization.msgpack_serialize({"weights": np.zeros(3)}))
     with pytest.raises(UpstreamError, match="not an official VDM TrainState"):
-        upstream.read_official(foreign, mc)
+        official.read_official(foreign, mc)
 
     with pytest.raises(UpstreamError, match="no ckpt-7.flax; available: \\[3\\]"):
-        upstream.read_official(directory, mc, number=7)
+        official.read_official(directory, mc, number=7)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UpstreamError, match="no ckpt-N.flax files and no checkpoints-<host>/"):
-        upstream.read_official(tmp_path / "empty", mc)
+        official.read_official(tmp_path / "empty", mc)
     with pytest.raises(UpstreamError, match="needs the model config"):
         upstream.read_upstream("official", directory)
 
@@ -494,7 +474,7 @@ def test_port_import_maps_each_tensor_as_written(tmp_path):
     cfg = port_cfg(PORT_B, n_attention_heads=2)
     model = port_state(PORT_B, 2, seed=7)
     opt = adamw_state(model, steps=3)
-    imp = upstream.read_port(write_port_run(tmp_path / "run", cfg, model, opt=opt))
+    imp = port.read_port(write_port_run(tmp_path / "run", cfg, model, opt=opt))
     n = lambda key: model[key].numpy()  # noqa: E731
     C = 32
     qkv = n("model.mid_attn_block.layers.1.weight")[:, :, 0, 0]                     # (3C, C): rows q | k | v
@@ -530,7 +510,7 @@ def test_port_import_to_neutral_file(tmp_path):
 
     cfg = port_cfg(PORT_A)
     model = port_state(PORT_A, 2, seed=3)
-    imp = upstream.read_port(write_port_run(tmp_path / "run", cfg, model, online=False, step=9))
+    imp = port.read_port(write_port_run(tmp_path / "run", cfg, model, online=False, step=9))
     assert imp.opt_mu is None and "fresh AdamW moments" in imp.summary()
     path = upstream.write_neutral(imp, tmp_path / "port.safetensors")
     back = load_neutral(path)
@@ -547,52 +527,52 @@ def test_port_import_errors_name_the_file_and_the_mismatch(tmp_path):
 
     wrong = write_port_run(tmp_path / "wider", port_cfg(PORT_A, embedding_dim=64), model)
     with pytest.raises(UpstreamError) as err:
-        upstream.read_port(wrong)
+        port.read_port(wrong)
     text = str(err.value)
     assert str(wrong / "model.pt") in text and "mis-shaped" in text and "model.conv_in.weight" in text
 
     dropout = write_port_run(tmp_path / "dropout", port_cfg(PORT_A, dropout_prob=0.1), model)
     with pytest.raises(UpstreamError, match="net2.2.*dropout_prob = 0.1"):
-        upstream.read_port(dropout)
+        port.read_port(dropout)
 
     (tmp_path / "noconfig").mkdir()
     (tmp_path / "noconfig" / "model.pt").write_bytes((run / "model.pt").read_bytes())
     with pytest.raises(UpstreamError, match=f"{tmp_path / 'noconfig' / 'config.yaml'} is missing"):
-        upstream.read_port(tmp_path / "noconfig")
+        port.read_port(tmp_path / "noconfig")
 
     corrupt = write_port_run(tmp_path / "corrupt", cfg, model)
     data = (corrupt / "model.pt").read_bytes()
     (corrupt / "model.pt").write_bytes(data[: len(data) // 3])
     with pytest.raises(UpstreamError, match=f"{corrupt / 'model.pt'} cannot be read as a PyTorch checkpoint"):
-        upstream.read_port(corrupt)
+        port.read_port(corrupt)
 
     (corrupt / "model.pt").write_bytes(flax.serialization.msgpack_serialize({"step": 1, "params": {}}))
     with pytest.raises(UpstreamError, match="flax msgpack checkpoint: use --from-upstream=official"):
-        upstream.read_port(corrupt)
+        port.read_port(corrupt)
 
     torch.save({"weights": model}, corrupt / "model.pt")
     with pytest.raises(UpstreamError, match="not a PyTorch-port checkpoint"):
-        upstream.read_port(corrupt)
+        port.read_port(corrupt)
 
     extra = write_port_run(tmp_path / "extra", dict(cfg, ema_decay=0.999), model)
     with pytest.raises(UpstreamError, match="unknown fields \\['ema_decay'\\]"):
-        upstream.read_port(extra)
+        port.read_port(extra)
     (extra / "config.yaml").write_text("- not a mapping\n")
     with pytest.raises(UpstreamError, match="config.yaml holds a YAML list"):
-        upstream.read_port(extra)
+        port.read_port(extra)
 
     mixed = dict(model)
     torch.save({"step": 1, "model": model, "opt": {"state": {}, "param_groups": []},
                 "ema": {"online_model." + k: v + 1 for k, v in mixed.items()}}, run / "model.pt")
     with pytest.raises(UpstreamError, match="online_model.* differs from \\['model'\\]"):
-        upstream.read_port(run)
+        port.read_port(run)
 
     missing_key = OrderedDict(model)
     del missing_key["model.mid_attn_block.layers.1.bias"]
     missing_key["model.extra.weight"] = torch.zeros(3)
     write_port_run(run, cfg, missing_key)
     with pytest.raises(UpstreamError) as err:
-        upstream.read_port(run)
+        port.read_port(run)
     assert "missing (1)" in str(err.value) and "model.mid_attn_block.layers.1.bias" in str(err.value)
     assert "unexpected (1)" in str(err.value) and "model.extra.weight" in str(err.value)
 
@@ -601,8 +581,8 @@ def test_port_import_accepts_wrapper_prefixes(tmp_path):
     cfg = port_cfg(PORT_A)
     model = port_state(PORT_A, 2, seed=4)
     wrapped = OrderedDict((f"module._orig_mod.{k}", v) for k, v in model.items())
-    imp = upstream.read_port(write_port_run(tmp_path / "run", cfg, wrapped, ema=model, online=False))
-    for k, v in upstream.read_port(write_port_run(tmp_path / "plain", cfg, model)).params.items():
+    imp = port.read_port(write_port_run(tmp_path / "run", cfg, wrapped, ema=model, online=False))
+    for k, v in port.read_port(write_port_run(tmp_path / "plain", cfg, model)).params.items():
         np.testing.assert_array_equal(imp.params[k], v)
 
 
@@ -613,7 +593,7 @@ def test_imports_load_into_both_trainers(tmp_path):
     tconvert = pytest.importorskip("vdm_torch.convert")
     cfg = port_cfg(PORT_B, n_attention_heads=2)
     model = port_state(PORT_B, 2, seed=11)
-    imp = upstream.read_port(write_port_run(tmp_path / "run", cfg, model, port_state(PORT_B, 2, seed=12),
+    imp = port.read_port(write_port_run(tmp_path / "run", cfg, model, port_state(PORT_B, 2, seed=12),
                                             adamw_state(model, steps=4), step=4))
     ckpt = imp.to_neutral()
     opt = imp.config.optimizer
@@ -679,7 +659,7 @@ def test_port_import_matches_the_port_code(tmp_path, monkeypatch, dropout, heads
                 p.add_(0.05 * torch.randn(p.shape))
     diffusion.eval()
     write_port_run(tmp_path / "run", cfg, diffusion.state_dict(), step=5)
-    imp = upstream.read_port(tmp_path / "run")
+    imp = port.read_port(tmp_path / "run")
 
     images, (t, eps, eps_0) = images_nhwc(5), noise_nhwc(6)
     x = torch.as_tensor(images).permute(0, 3, 1, 2).float() / 255.0
@@ -705,7 +685,7 @@ def test_imported_run_directory_evaluates_and_trains_in_both_backends(tmp_path):
     cfg = port_cfg(PORT_B, input_channels=1, embedding_dim=16, n_blocks=1, norm_groups=4)
     rs = np.random.RandomState(3)
     model = OrderedDict()
-    for key, shape in upstream.port_param_layout(cfg).items():     # small random weights, schedule kept sane
+    for key, shape in port.port_param_layout(cfg).items():     # small random weights, schedule kept sane
         fan_in = int(np.prod(shape[1:])) if len(shape) > 1 else 1
         value = rs.standard_normal(shape) / math.sqrt(fan_in) * 0.3 if len(shape) > 1 else 1.0 + 0.1 * rs.randn(*shape)
         model[key] = torch.as_tensor(np.asarray(value, np.float32))

@@ -22,6 +22,7 @@ import tqdm
 from tensorboard.compat.proto import event_pb2, summary_pb2
 from tensorboard.summary.writer.record_writer import RecordWriter
 
+from vdm_common import architecture
 from vdm_common import workdir as workdir_lib
 from vdm_common.config import ModelConfig
 from vdm_common.errors import UserError
@@ -262,35 +263,9 @@ def training_memory_estimate(model_config: ModelConfig, num_params: int, image_s
     bytes under bfloat16 compute, else those of the parameters."""
     param_bytes = 8 if model_config.compute_dtype == "float64" else 4
     act_bytes = 2 if model_config.compute_dtype == "bfloat16" else param_bytes
-    return estimate_memory_bytes(num_params, unet_activation_elements(model_config, image_shape), batch_per_device,
-                                 param_bytes, activation_bytes_per_element=act_bytes)
-
-
-def unet_activation_elements(model: Any, image_shape: tuple[int, ...]) -> int:
-    """An estimate of the activation elements one example keeps for backward in the score UNet.
-
-    `model`: a ModelConfig, or a config.model ConfigDict / dict; `image_shape`: (H, W) or (H, W, C), the
-    channels being those of the model. With P = H*W pixels, E = sm_n_embd, C_in = C (1 + 2F) with F Fourier
-    frequencies (C without Fourier features), a = attention blocks, it counts per pixel:
-      C_in                      the UNet input (kept for conv_in's weight gradient)
-      3 c + 4 E (+ E)           each resnet block on c input channels: input, GroupNorm and swish on c;
-                                conv1, GroupNorm, swish, conv2 on E; the 1x1 shortcut when c != E
-                                (down and mid blocks: c = E; up blocks: c = 2E, the concatenated skip)
-      6 E + heads * P           each attention block: input, GroupNorm, q, k, v, attention output, and
-                                the (P x P) softmax weights per head
-      2 E                       the final GroupNorm and swish
-    Dropout masks, the time embedding and the loss are left out. An estimate, not a measurement.
-    """
-    mc = model if isinstance(model, ModelConfig) else ModelConfig.from_config(model)
-    height, width = image_shape[:2]
-    pixels, e, n = height * width, mc.sm_n_embd, mc.sm_n_layer
-    c_in = mc.image_channels * (1 + 2 * (mc.fourier_stop - mc.fourier_start) if mc.with_fourier_features else 1)
-    block_down = 3 * e + 4 * e                     # the n down blocks and the 2 mid blocks
-    block_up = 3 * (2 * e) + 4 * e + e             # n + 1 up blocks on 2E channels, with shortcut
-    attn = 6 * e + mc.attention_heads * pixels
-    num_attn = 1 + (2 * n + 1 if mc.with_attention else 0)
-    per_pixel = c_in + (n + 2) * block_down + (n + 1) * block_up + num_attn * attn + 2 * e
-    return pixels * per_pixel
+    activations = architecture.unet_activation_elements(model_config, image_shape)
+    return estimate_memory_bytes(num_params, activations, batch_per_device, param_bytes,
+                                 activation_bytes_per_element=act_bytes)
 
 
 def plot_metrics(metrics_path: str | os.PathLike, out_png: str | os.PathLike) -> Path:

@@ -15,7 +15,7 @@ stops with a list of every missing, unexpected and mis-shaped key.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -79,6 +79,23 @@ def torch_layout_to_neutral(state: Mapping[str, np.ndarray]) -> dict[str, np.nda
         name, axes = torch_key_to_jax(key, value.ndim)
         out[name] = np.ascontiguousarray(value.transpose(axes)) if axes else value
     return out
+
+
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")     # DDP's and torch.compile's
+
+
+def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
+    """The state dict without the DDP `module.` and torch.compile `_orig_mod.` prefixes that EVERY key
+    carries, repeated and nested ones too (`module._orig_mod.x` -> `x`); else the same entries."""
+    state = dict(state)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
 
 
 def flatten_tree(tree: Mapping, prefix: str = "") -> dict[str, np.ndarray]:

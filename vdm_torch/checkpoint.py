@@ -40,7 +40,7 @@ from vdm_common import workdir as workdir_lib
 from vdm_common.config import ConfigError, ModelConfig
 from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_common.workdir import atomic_write
-from vdm_common.weights import ConversionError
+from vdm_common.weights import ConversionError, strip_wrapper_prefixes
 from vdm_torch import convert
 from vdm_torch.steps import TrainState, make_optimizer
 from vdm_torch.vdm import VDM
@@ -205,8 +205,8 @@ class Checkpointer:
             with torch.random.fork_rng(devices=[]):   # the throw-away init must not move the caller's RNG
                 model, ema = VDM(self.model_config), VDM(self.model_config)
             model, ema = model.to(device), ema.to(device)
-            model.load_state_dict(convert.strip_wrapper_prefix(obj["model"]), strict=True)
-            ema.load_state_dict(convert.strip_wrapper_prefix(obj["ema"]), strict=True)
+            model.load_state_dict(strip_wrapper_prefixes(obj["model"]), strict=True)
+            ema.load_state_dict(strip_wrapper_prefixes(obj["ema"]), strict=True)
             ema.requires_grad_(False)
             optimizer = make_optimizer(model, opt_config, fused)
             optimizer.load_state_dict(obj["optimizer"])

@@ -31,16 +31,13 @@ from torch import nn
 
 from vdm_common.config import ConfigError, ModelConfig, default_training
 from vdm_common.neutral import NeutralCheckpoint
-from vdm_common.weights import (ConversionError, check_tensors, neutral_to_torch_layout, torch_key_to_jax,
-                                torch_layout_to_neutral)
+from vdm_common.weights import (ConversionError, check_tensors, neutral_to_torch_layout, strip_wrapper_prefixes,
+                                torch_key_to_jax, torch_layout_to_neutral)
 from vdm_common.workdir import atomic_write_bytes
 from vdm_torch.steps import TrainState, make_optimizer
 from vdm_torch.vdm import VDM, float_dtype
 
 NATIVE_SUFFIXES = (".pt", ".pth")
-# Prefixes that wrappers add to state_dict keys (DistributedDataParallel, torch.compile). A state_dict whose
-# keys ALL carry one is read without it; mixed keys are reported as unexpected by the strict check.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 def torch_shapes(model_config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -69,7 +66,7 @@ def params_to_neutral(model_or_state_dict: nn.Module | Mapping[str, torch.Tensor
     """A VDM (or its state_dict) -> flat numpy with neutral keys and JAX layouts (copies, same dtype)."""
     state = model_or_state_dict.state_dict() if isinstance(model_or_state_dict, nn.Module) else \
         model_or_state_dict
-    return torch_layout_to_neutral({k: _to_numpy(v) for k, v in strip_wrapper_prefix(state).items()})
+    return torch_layout_to_neutral({k: _to_numpy(v) for k, v in strip_wrapper_prefixes(state).items()})
 
 
 def params_from_neutral(flat: Mapping[str, np.ndarray], model_config: ModelConfig, what: str = "weights",
@@ -98,14 +95,6 @@ def model_from_neutral(flat: Mapping[str, np.ndarray], model_config: ModelConfig
     model = model.to(device)
     model.load_state_dict(state, strict=True)
     return model
-
-
-def strip_wrapper_prefix(state: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """The state_dict without a DDP / torch.compile prefix that EVERY key carries (else unchanged)."""
-    for prefix in WRAPPER_PREFIXES:
-        if state and all(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def _to_numpy(value: torch.Tensor) -> np.ndarray:
@@ -275,7 +264,8 @@ def _read_state_dict(path: Path, obj: Mapping, key: str, model_config: ModelConf
                                                  for k, v in state.items()):
         raise ConversionError(f"{path} ['{key}'] is not a state_dict (a mapping of parameter names to tensors), "
                               f"but a {type(state).__name__}")
-    check_state_dict(strip_wrapper_prefix(state), model_config, f"{path} ['{key}']")
+    # Keys with a wrapper prefix that not every key carries are reported as unexpected.
+    check_state_dict(strip_wrapper_prefixes(state), model_config, f"{path} ['{key}']")
     return params_to_neutral(state)
 
 

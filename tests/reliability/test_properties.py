@@ -27,7 +27,8 @@ import safetensors.numpy
 import yaml
 
 from vdm_common import config as config_lib
-from vdm_common import data, neutral, upstream
+from vdm_common import architecture, data, neutral, upstream
+from vdm_common.upstream import official, port
 from vdm_common import workdir as workdir_lib
 from vdm_common.config import ConfigError, ModelConfig
 from vdm_common.weights import ConversionError, unflatten_tree
@@ -258,7 +259,7 @@ def test_npz_of_any_content_loads_or_names_the_file(scratch, contents):
 # ------------------------------------------------------------------------------ (c) converter readers
 
 def neutral_checkpoint() -> neutral.NeutralCheckpoint:
-    zeros = {k: np.zeros(s, np.float32) for k, s in upstream.model_param_shapes(TINY).items()}
+    zeros = {k: np.zeros(s, np.float32) for k, s in architecture.model_param_shapes(TINY).items()}
     return neutral.NeutralCheckpoint(model_config=TINY, params=zeros, step=3, ema_params=dict(zeros),
                                      opt_mu=dict(zeros), opt_nu=dict(zeros), opt_count=3)
 
@@ -396,7 +397,7 @@ def test_neutral_reader_on_malformed_files(scratch, contents):
 @functools.cache
 def official_state_bytes() -> bytes:
     """ckpt-N.flax of an official TrainState of the tiny model, as clu writes it (flax msgpack)."""
-    params = unflatten_tree({k: np.zeros(s, np.float32) for k, s in upstream.model_param_shapes(TINY).items()})
+    params = unflatten_tree({k: np.zeros(s, np.float32) for k, s in architecture.model_param_shapes(TINY).items()})
     state = {"step": np.asarray(3), "params": params, "ema_params": params,
              "opt_state": {"0": {"count": np.asarray(3), "mu": params, "nu": params}}}
     return flax_serialization.msgpack_serialize(state)
@@ -410,7 +411,7 @@ def test_official_reader_on_malformed_checkpoints(scratch, data_):
     (directory / "ckpt-3.flax").write_bytes(data_.draw(file_contents(
         official_state_bytes(), flax_serialization.msgpack_restore, _msgpack_bytes, MSGPACK_LEAVES, MSGPACK_KEYS)))
     try:
-        upstream.read_official(directory, TINY)
+        official.read_official(directory, TINY)
     except upstream.UpstreamError as e:
         assert_clear(e, str(directory))
 
@@ -424,7 +425,7 @@ PORT_CFG = dict(embedding_dim=8, n_blocks=0, n_attention_heads=1, dropout_prob=0
 @functools.cache
 def port_model_bytes() -> bytes:
     """model.pt of a port run of PORT_CFG as its trainer saves it: weights, EMA, AdamW after one step."""
-    model = {k: torch.zeros(s) for k, s in upstream.port_param_layout(PORT_CFG).items()}
+    model = {k: torch.zeros(s) for k, s in port.port_param_layout(PORT_CFG).items()}
     params = [torch.nn.Parameter(v.clone()) for v in model.values()]
     opt = torch.optim.AdamW(params)
     for p in params:
@@ -449,7 +450,7 @@ def port_configs(draw) -> str:
 
 
 PORT_KEYS = with_names({"step", "model", "opt", "ema", "state", "param_groups", "params", "initted", "exp_avg",
-                        *upstream.port_param_layout(PORT_CFG), "ema_model.gamma.w", "online_model.gamma.w", 0})
+                        *port.port_param_layout(PORT_CFG), "ema_model.gamma.w", "online_model.gamma.w", 0})
 
 
 @PROPERTY
@@ -461,6 +462,6 @@ def test_port_reader_on_malformed_runs(scratch, data_, valid_config):
                                                                   TORCH_LEAVES, PORT_KEYS)))
     (directory / "config.yaml").write_text(yaml.safe_dump(PORT_CFG) if valid_config else data_.draw(port_configs()))
     try:
-        upstream.read_port(directory)
+        port.read_port(directory)
     except upstream.UpstreamError as e:
         assert_clear(e, str(directory))

@@ -1,15 +1,7 @@
-"""Import of upstream VDM checkpoints into the neutral form (numpy only; no backend, no TensorFlow).
+"""Reader of the PyTorch port's runs (addtt/variational-diffusion-models).
 
-Two upstream formats are read:
-
-  official      google-research/vdm, saved by clu's `MultihostCheckpoint`: `<workdir>/checkpoints-0/` holds
-                `ckpt-N.flax` (the flax msgpack of its TrainState: `step`, `params`, `ema_params`, `opt_state`)
-                beside TensorFlow files that hold only a save counter. Its parameter tree is ours, so the
-                import is a strict check of names and shapes against the model config the user names
-                (`configs/cifar10.py`, `configs/cifar10_aug.py` are the two released models).
-  pytorch-port  addtt/variational-diffusion-models: `<run>/model.pt` (`torch.save` of {step, model, opt, ema})
-                and `<run>/config.yaml` (its TrainConfig). Reading `model.pt` needs torch, imported lazily by
-                `load_torch_checkpoint` only.
+A run is `<run>/model.pt` (`torch.save` of {step, model, opt, ema}) and `<run>/config.yaml` (its
+TrainConfig). Reading `model.pt` needs torch, imported lazily by `load_torch_checkpoint` only.
 
 The port computes the official function up to these differences, each mapped exactly:
 
@@ -36,13 +28,9 @@ the continuous-time diffusion loss 0.5 gamma'(t) ||eps - eps_hat||^2 (the port c
 inside the KL's log, which no schedule with gamma_1 > -34 reaches). Not part of the function, so not
 mapped: its training recipe (see `port_config_sections`) and its sampler's default clipping of the
 predicted x0 to [-1, 1] (our sampler is the official one, without clipping).
-
-Every upstream tensor is used exactly once: `UpstreamError` lists every missing, unexpected and mis-shaped
-tensor with the file it came from.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections import OrderedDict
@@ -53,421 +41,8 @@ import ml_collections
 import numpy as np
 
 from vdm_common.config import ConfigError, ModelConfig, make_config, validate
-from vdm_common.weights import ConversionError, check_tensors, flatten_tree
-
-KINDS = ("official", "pytorch-port")
-NNET_FEATURES = 1024        # width of the learnable_nnet schedule (vdm_jax / vdm_torch .schedules)
-
-
-class UpstreamError(ConversionError):
-    """An upstream checkpoint that cannot be imported; the message names the file and every mismatch."""
-
-
-# ------------------------------------------------------------------------------ our model's shapes
-
-def model_param_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{neutral name: shape} of every parameter of our model (the official tree), from the config alone.
-
-    Schedules: fixed, learnable_scalar, learnable_nnet (those the upstream formats can hold).
-    """
-    E, C = config.sm_n_embd, config.image_channels
-    shapes: dict[str, tuple[int, ...]] = {}
-    if config.gamma_type == "learnable_scalar":
-        shapes.update({"gamma/w": (1,), "gamma/b": (1,)})
-    elif config.gamma_type == "learnable_nnet":
-        shapes.update({"gamma/l1/kernel": (1, 1), "gamma/l1/bias": (1,), "gamma/l2/kernel": (1, NNET_FEATURES),
-                       "gamma/l2/bias": (NNET_FEATURES,), "gamma/l3/kernel": (NNET_FEATURES, 1)})
-    elif config.gamma_type != "fixed":
-        raise UpstreamError(f"model.gamma_type {config.gamma_type!r} has no upstream counterpart; upstream "
-                            f"checkpoints hold 'fixed', 'learnable_scalar' or 'learnable_nnet' schedules")
-
-    def add(prefix: str, **leaves):
-        shapes.update({f"score_model/{prefix}/{leaf}": shape for leaf, shape in leaves.items()})
-
-    def norm(prefix, c):
-        add(prefix, scale=(c,), bias=(c,))
-
-    def resnet(prefix, cin, cout):
-        norm(f"{prefix}/GroupNorm_0", cin)
-        add(f"{prefix}/conv1", kernel=(3, 3, cin, cout), bias=(cout,))
-        add(f"{prefix}/cond_proj", kernel=(4 * E, cout))
-        norm(f"{prefix}/GroupNorm_1", cout)
-        add(f"{prefix}/conv2", kernel=(3, 3, cout, cout), bias=(cout,))
-        if cin != cout:
-            add(f"{prefix}/nin_shortcut", kernel=(cin, cout), bias=(cout,))
-
-    def attn(prefix, c):
-        norm(f"{prefix}/GroupNorm_0", c)
-        for name in ("q", "k", "v", "proj_out"):
-            add(f"{prefix}/{name}", kernel=(c, c), bias=(c,))
-
-    add("dense0", kernel=(E + 1, 4 * E), bias=(4 * E,))
-    add("dense1", kernel=(4 * E, 4 * E), bias=(4 * E,))
-    n_freq = config.fourier_stop - config.fourier_start
-    c_in = C * (1 + 2 * n_freq) if config.with_fourier_features else C
-    add("conv_in", kernel=(3, 3, c_in, E), bias=(E,))
-    for i in range(config.sm_n_layer):
-        resnet(f"down.block_{i}", E, E)
-        if config.with_attention:
-            attn(f"down.attn_{i}", E)
-    resnet("mid.block_1", E, E)
-    attn("mid.attn_1", E)
-    resnet("mid.block_2", E, E)
-    for i in range(config.sm_n_layer + 1):
-        resnet(f"up.block_{i}", 2 * E, E)
-        if config.with_attention:
-            attn(f"up.attn_{i}", E)
-    norm("GroupNorm_0", E)
-    add("conv_out", kernel=(3, 3, E, C), bias=(C,))
-    return shapes
-
-
-def describe_official_tree(flat: Mapping[str, np.ndarray]) -> str:
-    """The model fields a flat official parameter tree implies, as a hint for a config mismatch."""
-    try:
-        c_in, E = np.shape(flat["score_model/conv_in/kernel"])[2:]
-        C = np.shape(flat["score_model/conv_out/kernel"])[3]
-        n_freq = (c_in // C - 1) // 2
-    except (KeyError, ValueError, IndexError, ZeroDivisionError):
-        return "(the tree has no 4-D score_model/conv_in and conv_out kernels: not a VDM parameter tree)"
-    n_layer = sum(1 for k in flat if re.fullmatch(r"score_model/down\.block_\d+/conv1/kernel", k))
-    attention = any(k.startswith("score_model/down.attn_") for k in flat)
-    gamma = ("learnable_scalar" if "gamma/w" in flat else "learnable_nnet" if "gamma/l1/kernel" in flat
-             else "fixed")
-    fourier = "with_fourier_features=False" if c_in == C else f"{n_freq} Fourier frequencies"
-    return (f"sm_n_embd={E}, sm_n_layer={n_layer}, image_channels={C}, with_attention={attention}, "
-            f"gamma_type={gamma!r}, {fourier}")
-
-
-# ------------------------------------------------------------------------------ the import's result
-
-@dataclasses.dataclass
-class UpstreamImport:
-    """An upstream checkpoint in neutral form (flat JAX names, JAX layouts, float32 numpy arrays).
-
-    config: the full validated config (model + training + optimizer + data) a run continues with.
-    ema_params: None when the file has no EMA. opt_mu / opt_nu: AdamW first / second moments in the params'
-    names and layouts (None when the file has no optimizer state); opt_count: the Adam update count.
-    """
-
-    kind: str
-    source: str
-    config: Any
-    step: int
-    params: dict
-    ema_params: dict | None
-    opt_mu: dict | None
-    opt_nu: dict | None
-    opt_count: int
-    report: list
-
-    @property
-    def model_config(self) -> ModelConfig:
-        return ModelConfig.from_config(self.config.model)
-
-    def to_neutral(self):
-        """The `vdm_common.neutral.NeutralCheckpoint` of this import; `extra` records the source and the full
-        config (JSON) so a run directory written from it keeps the training sections."""
-        from vdm_common.neutral import NeutralCheckpoint
-
-        has_opt = self.opt_mu is not None
-        return NeutralCheckpoint(
-            model_config=self.model_config, params=self.params, step=self.step, ema_params=self.ema_params,
-            opt_mu=self.opt_mu, opt_nu=self.opt_nu, opt_count=self.opt_count if has_opt else None,
-            extra={"upstream": self.kind, "source": self.source, "config": self.config.to_json()})
-
-    def summary(self) -> str:
-        return "\n".join(self.report)
-
-
-def read_upstream(kind: str, path, config=None, number: int | None = None) -> UpstreamImport:
-    """Reads an upstream checkpoint. kind: 'official' (needs `config`: a full ConfigDict, e.g. from
-    `load_config('configs/cifar10.py')`; `number` picks ckpt-N, default the latest) or 'pytorch-port'
-    (the config comes from the run's config.yaml; `config`, when given, supplies the training sections)."""
-    if kind == "official":
-        if config is None:
-            raise UpstreamError("importing an official checkpoint needs the model config it was trained with: "
-                                "pass --config=configs/cifar10.py (or configs/cifar10_aug.py for the "
-                                "augmented release, or your own config file)")
-        return read_official(path, config, number)
-    if kind == "pytorch-port":
-        if number is not None:
-            raise UpstreamError("a PyTorch-port run holds one checkpoint (model.pt); drop the checkpoint number")
-        return read_port(path, config)
-    raise UpstreamError(f"unknown upstream format {kind!r}; one of {KINDS}")
-
-
-def _as_float32(flat: Mapping[str, Any], source: str) -> dict[str, np.ndarray]:
-    """float32 arrays; float32 inputs are kept as they are (read-only views into the file's bytes for the
-    official format: a 2 GB checkpoint is not copied)."""
-    out = {}
-    for key, value in flat.items():
-        arr = np.asarray(value)
-        if not np.issubdtype(arr.dtype, np.floating) and arr.dtype.name != "bfloat16":
-            raise UpstreamError(f"{source}: tensor {key} has dtype {arr.dtype}, expected floating point")
-        out[key] = arr if arr.dtype == np.float32 else arr.astype(np.float32)
-    return out
-
-
-def _count(value: Any, what: str, source: str) -> int:
-    """An update count stored as an int, or a one-element integral array or tensor (torch AdamW: float32)."""
-    try:
-        number = np.asarray(_to_numpy(value)).reshape(-1)
-        if number.size == 1 and number.dtype.kind in "iuf" and float(number[0]).is_integer() and number[0] >= 0:
-            return int(number[0])
-    except (TypeError, ValueError, RuntimeError, OverflowError):
-        pass
-    raise UpstreamError(f"{source}: {what} = {value!r:.80} is not a count (an integer >= 0); the file is damaged "
-                        f"or not an upstream checkpoint")
-
-
-def _tensor_dict(obj: Any, source: str, what: str) -> dict[str, np.ndarray]:
-    """{name: numeric numpy array} of a state dict read from a file; UpstreamError for anything else."""
-    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
-        raise UpstreamError(f"{source} {what} is not a state dict of named tensors (it is a {type(obj).__name__})")
-    out = {}
-    for key, value in obj.items():
-        try:
-            array = np.asarray(_to_numpy(value))
-        except (TypeError, ValueError, RuntimeError):    # ragged lists and the like
-            array = None
-        if array is None or array.dtype.kind not in "biuf":
-            raise UpstreamError(f"{source} {what}: {key} is not a numeric tensor ({type(value).__name__} "
-                                f"{value!r:.60})")
-        out[key] = array
-    return out
-
-
-def _official_tensors(tree: Any, source: str, what: str) -> dict[str, np.ndarray]:
-    """The flat tensors of a parameter tree of an official checkpoint ({} when it is not a tree)."""
-    if not isinstance(tree, dict):
-        return {}
-    try:
-        return flatten_tree(tree)
-    except (TypeError, ValueError) as err:
-        raise UpstreamError(f"{source} {what} holds a leaf that is not an array ({err}); the file is damaged") \
-            from err
-
-
-# ------------------------------------------------------------------------------ the official clu format
-
-_CKPT_RE = re.compile(r"ckpt-(\d+)\.flax")
-_OFFICIAL_TOP = {"step", "params", "ema_params", "opt_state"}
-
-
-def find_clu_checkpoint(path, number: int | None = None) -> tuple[Path, list[str]]:
-    """The `ckpt-N.flax` to read and notes on the choice.
-
-    path: the official workdir (holding `checkpoints-0/`), the `checkpoints-0` directory itself, or a
-    `ckpt-N.flax` file. Default N: the one TensorFlow's `checkpoint` file names (what clu restores), else
-    the highest N present.
-    """
-    p = Path(path)
-    if p.is_file():
-        m = _CKPT_RE.fullmatch(p.name)
-        if number is not None and (m is None or int(m.group(1)) != number):
-            raise UpstreamError(f"{p} is not ckpt-{number}.flax; pass the directory to pick a checkpoint number")
-        return p, [f"checkpoint file {p}"]
-    if not p.is_dir():
-        raise UpstreamError(f"{p} does not exist; pass the official run directory, its checkpoints-0/ "
-                            f"directory or a ckpt-N.flax file")
-    if not any(_CKPT_RE.fullmatch(f.name) for f in p.iterdir()):
-        hosts = sorted(d for d in p.glob("checkpoints-*") if d.is_dir())
-        if not hosts:
-            listing = sorted(f.name for f in p.iterdir())[:20]
-            raise UpstreamError(f"{p} holds no ckpt-N.flax files and no checkpoints-<host>/ directory "
-                                f"(found: {listing}); an official run keeps its checkpoints in "
-                                f"<workdir>/checkpoints-0/ckpt-N.flax")
-        p = hosts[0]        # every host of a multi-host run saves the same (replicated) state
-    numbers = sorted(int(_CKPT_RE.fullmatch(f.name).group(1)) for f in p.iterdir() if _CKPT_RE.fullmatch(f.name))
-    if not numbers:
-        raise UpstreamError(f"{p} holds no ckpt-N.flax files (found: {sorted(f.name for f in p.iterdir())[:20]})")
-    notes = [f"checkpoints in {p}: {', '.join(f'ckpt-{n}' for n in numbers)}"]
-    if number is not None:
-        if number not in numbers:
-            raise UpstreamError(f"{p} has no ckpt-{number}.flax; available: {numbers}")
-        chosen = number
-    else:
-        chosen, tf_index = numbers[-1], p / "checkpoint"
-        if tf_index.is_file():
-            m = re.search(r'^model_checkpoint_path:\s*"(?:.*/)?ckpt-(\d+)"', tf_index.read_text(errors="replace"),
-                          re.M)
-            if m and int(m.group(1)) in numbers:
-                chosen = int(m.group(1))
-                if chosen != numbers[-1]:
-                    notes.append(f"TensorFlow's 'checkpoint' file names ckpt-{chosen}, the last complete save "
-                                 f"(ckpt-{numbers[-1]}.flax has no TensorFlow part); reading ckpt-{chosen}")
-    return p / f"ckpt-{chosen}.flax", notes
-
-
-def _ndarray_from_ext(payload: bytes, source: str) -> np.ndarray:
-    import msgpack
-
-    shape, dtype_name, buffer = msgpack.unpackb(payload, raw=True)
-    name = dtype_name.decode() if isinstance(dtype_name, bytes) else dtype_name
-    if name == "bfloat16":
-        import ml_dtypes                                   # installed with jax; only bf16 checkpoints need it
-        dtype = np.dtype(ml_dtypes.bfloat16)
-    else:
-        dtype = np.dtype(name)
-    return np.frombuffer(buffer, dtype=dtype).reshape(shape)
-
-
-def read_flax_msgpack(path) -> dict:
-    """A flax msgpack file (`flax.serialization.to_bytes`) as a nested dict of numpy arrays, with plain
-    `msgpack`: arrays are extension type 1 and numpy scalars type 3, each (shape, dtype name, C-order bytes)."""
-    import msgpack
-
-    path = Path(path)
-    data = path.read_bytes()
-    if data[:2] == b"PK":
-        raise UpstreamError(f"{path} is a zip archive (a PyTorch model.pt?), not a flax msgpack checkpoint; "
-                            f"for the PyTorch port use --from-upstream=pytorch-port")
-    if not data:
-        raise UpstreamError(f"{path} is empty; the save was interrupted: pick another ckpt-N")
-
-    def ext_hook(code, payload):
-        if code == 1:
-            return _ndarray_from_ext(payload, str(path))
-        if code == 3:
-            return np.asarray(_ndarray_from_ext(payload, str(path)))       # 0-d array
-        if code == 2:
-            real, imag = msgpack.unpackb(payload)
-            return complex(real, imag)
-        raise ValueError(f"unknown msgpack extension type {code}")
-
-    try:
-        tree = msgpack.unpackb(data, ext_hook=ext_hook, raw=False, strict_map_key=False)
-    except Exception as err:  # msgpack raises several types for truncated or foreign data
-        raise UpstreamError(f"{path} cannot be read as a flax msgpack checkpoint ({type(err).__name__}: {err}); "
-                            f"the file is truncated, corrupt or of another format") from err
-    if not isinstance(tree, dict):
-        raise UpstreamError(f"{path} holds a msgpack {type(tree).__name__}, not the state dict of a TrainState")
-    try:
-        return _unchunk(tree)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
-        raise UpstreamError(f"{path}: a chunked array (over 2 GiB, stored in parts) is damaged ({type(err).__name__}: "
-                            f"{err}); the file is truncated or corrupt") from err
-
-
-def _unchunk(node):
-    """Flax splits arrays over 2 GiB into {'__msgpack_chunked_array__', 'shape', 'chunks'}; rejoin them."""
-    if isinstance(node, dict):
-        if node.get("__msgpack_chunked_array__"):
-            shape = tuple(int(node["shape"][str(i)]) for i in range(len(node["shape"])))
-            chunks = [node["chunks"][str(i)] for i in range(len(node["chunks"]))]
-            return np.concatenate(chunks).reshape(shape)
-        return {k: _unchunk(v) for k, v in node.items()}
-    return node
-
-
-def _leaves(node, prefix: str = "") -> dict[str, Any]:
-    """Flat {'a/b': leaf} of a nested dict; empty dicts (empty optax states) have no leaves."""
-    if isinstance(node, dict):
-        out = {}
-        for k, v in node.items():
-            out.update(_leaves(v, f"{prefix}{k}/"))
-        return out
-    return {prefix.rstrip("/"): node}
-
-
-def _find_adam_state(opt_state) -> tuple[str, dict] | None:
-    """(path, node) of the one {count, mu, nu} node (optax scale_by_adam) in an optimizer state dict."""
-    found = []
-
-    def walk(node, path):
-        if isinstance(node, dict):
-            if {"count", "mu", "nu"} <= set(node):
-                found.append((path, node))
-                return
-            for k, v in node.items():
-                walk(v, f"{path}/{k}" if path else str(k))
-    walk(opt_state, "")
-    if len(found) > 1:
-        raise UpstreamError(f"the optimizer state holds {len(found)} Adam states ({[p for p, _ in found]}); "
-                            f"expected one")
-    return found[0] if found else None
-
-
-def official_state_to_import(state: Mapping, config, source: str, notes: list | None = None) -> UpstreamImport:
-    """The TrainState dict of an official checkpoint -> UpstreamImport, strictly checked against `config`
-    (a full ConfigDict, or a ModelConfig, of the model the checkpoint was trained with)."""
-    config = full_config(config)
-    mc = ModelConfig.from_config(config.model)
-    report = list(notes or [])
-    unexpected_top = sorted(set(state) - _OFFICIAL_TOP, key=str)
-    missing_top = sorted({"step", "params", "ema_params"} - set(state))
-    if unexpected_top or missing_top:
-        raise UpstreamError(f"{source} is not an official VDM TrainState: top-level entries {sorted(state, key=str)}; "
-                            f"expected {sorted(_OFFICIAL_TOP)}"
-                            + (f" (missing {missing_top})" if missing_top else "")
-                            + (f" (unexpected {unexpected_top})" if unexpected_top else ""))
-    expected = model_param_shapes(mc)
-    params = _official_tensors(state["params"], source, "params")
-    ema = _official_tensors(state["ema_params"], source, "ema_params")
-    _check_or_hint(params, expected, f"{source} params", mc)
-    _check_or_hint(ema, expected, f"{source} ema_params", mc)
-    step = _count(state["step"], "step", source)
-    report.append(f"read {source}: step {step}, {len(params)} parameter tensors "
-                  f"({sum(int(np.prod(s)) for s in expected.values()):,} numbers), EMA parameters")
-
-    opt_mu = opt_nu = None
-    opt_count = 0
-    opt_state = state.get("opt_state")
-    if opt_state is not None and not isinstance(opt_state, dict):
-        raise UpstreamError(f"{source}: opt_state is a {type(opt_state).__name__}, not the optax state of a "
-                            f"TrainState; the file is damaged or not an official checkpoint")
-    if opt_state:
-        found = _find_adam_state(opt_state)
-        leaves = _leaves(opt_state)
-        if found is None:
-            raise UpstreamError(f"{source}: opt_state holds no Adam state (count, mu, nu); leaves: "
-                                f"{sorted(leaves)[:10]}")
-        adam_path, adam = found
-        others = sorted(k for k in leaves if not (k == adam_path or k.startswith(adam_path + "/")))
-        if others:
-            raise UpstreamError(f"{source}: opt_state holds tensors besides the Adam moments that this import "
-                                f"would drop: {others[:20]}; the official optimizer (AdamW with the bias mask, "
-                                f"optionally after clipping) keeps only count, mu and nu")
-        extra_adam = sorted(set(adam) - {"count", "mu", "nu"}, key=str)
-        if extra_adam:
-            raise UpstreamError(f"{source}: opt_state/{adam_path} has unexpected entries {extra_adam}")
-        opt_mu = _official_tensors(adam["mu"], source, f"opt_state/{adam_path}/mu")
-        opt_nu = _official_tensors(adam["nu"], source, f"opt_state/{adam_path}/nu")
-        _check_or_hint(opt_mu, expected, f"{source} opt_state/{adam_path}/mu", mc)
-        _check_or_hint(opt_nu, expected, f"{source} opt_state/{adam_path}/nu", mc)
-        opt_count = _count(adam["count"], f"opt_state/{adam_path}/count", source)
-        opt_mu, opt_nu = _as_float32(opt_mu, source), _as_float32(opt_nu, source)
-        report.append(f"AdamW moments (opt_state/{adam_path}), update count {opt_count}")
-    else:
-        report.append("no optimizer state: training continues with fresh AdamW moments")
-    return UpstreamImport("official", source, config, step, _as_float32(params, source), _as_float32(ema, source),
-                          opt_mu, opt_nu, opt_count, report)
-
-
-def _check_or_hint(got, expected, what: str, mc: ModelConfig) -> None:
-    try:
-        check_tensors(got, expected, what)
-    except ConversionError as err:
-        raise UpstreamError(f"{err}\nThe checkpoint's tensors imply {describe_official_tree(got)}; the config "
-                            f"given has {describe_model_config(mc)}. The released CIFAR-10 models are "
-                            f"configs/cifar10.py (128 channels) and configs/cifar10_aug.py (320 channels).") from err
-
-
-def describe_model_config(mc: ModelConfig) -> str:
-    n_freq = mc.fourier_stop - mc.fourier_start
-    fourier = f"{n_freq} Fourier frequencies" if mc.with_fourier_features else "with_fourier_features=False"
-    return (f"sm_n_embd={mc.sm_n_embd}, sm_n_layer={mc.sm_n_layer}, image_channels={mc.image_channels}, "
-            f"with_attention={mc.with_attention}, gamma_type={mc.gamma_type!r}, {fourier}")
-
-
-def read_official(path, config, number: int | None = None) -> UpstreamImport:
-    """Reads an official clu checkpoint (see `find_clu_checkpoint` for `path`) against `config`."""
-    ckpt, notes = find_clu_checkpoint(path, number)
-    return official_state_to_import(read_flax_msgpack(ckpt), config, str(ckpt), notes)
-
-
-# ------------------------------------------------------------------------------ the PyTorch port
+from vdm_common.upstream import UpstreamError, UpstreamImport, checked_count, to_numpy
+from vdm_common.weights import ConversionError, check_tensors, strip_wrapper_prefixes
 
 PORT_CONFIG_FIELDS = {
     # field of the port's TrainConfig: what its value must be
@@ -513,6 +88,23 @@ def _port_float(cfg: dict, field: str, source: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise UpstreamError(f"{source}: {field} = {value!r} must be {PORT_CONFIG_FIELDS[field]}")
     return float(value)
+
+
+def _tensor_dict(obj: Any, source: str, what: str) -> dict[str, np.ndarray]:
+    """{name: numeric numpy array} of a state dict read from a file; UpstreamError for anything else."""
+    if not isinstance(obj, Mapping) or not all(isinstance(k, str) for k in obj):
+        raise UpstreamError(f"{source} {what} is not a state dict of named tensors (it is a {type(obj).__name__})")
+    out = {}
+    for key, value in obj.items():
+        try:
+            array = np.asarray(to_numpy(value))
+        except (TypeError, ValueError, RuntimeError):    # ragged lists and the like
+            array = None
+        if array is None or array.dtype.kind not in "biuf":
+            raise UpstreamError(f"{source} {what}: {key} is not a numeric tensor ({type(value).__name__} "
+                                f"{value!r:.60})")
+        out[key] = array
+    return out
 
 
 def check_port_config(cfg: Any, source: str) -> dict:
@@ -588,13 +180,6 @@ def port_full_config(cfg: dict, source: str = "config.yaml", base=None):
         return validate(config)
     except ConfigError as err:
         raise UpstreamError(f"{source}: the port's training settings map to an unusable config: {err}") from err
-
-
-def full_config(config) -> ml_collections.ConfigDict:
-    """A full validated ConfigDict from a full config, or from a ModelConfig (default training sections)."""
-    if isinstance(config, ModelConfig):
-        return validate(make_config(config.to_dict()))
-    return validate(config)
 
 
 def port_param_layout(cfg: dict, net2_index: int | None = None) -> "OrderedDict[str, tuple[int, ...]]":
@@ -715,22 +300,6 @@ def _port_rules(cfg: dict, k: int) -> list[tuple[str, tuple[str, ...], Callable]
     return rules
 
 
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def strip_wrapper_prefixes(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Drops DDP's `module.` and torch.compile's `_orig_mod.` prefixes when every key carries them."""
-    state = dict(state)
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
 def _net2_index(keys, source: str, what: str) -> int | None:
     found = {int(m.group(1)) for key in keys for m in [re.search(r"\.net2\.(\d+)\.weight$", key)] if m}
     found.discard(0)
@@ -793,15 +362,6 @@ def load_torch_checkpoint(path) -> Any:
                             f"the file is truncated, corrupt or of another format{hint}") from err
 
 
-def _to_numpy(value) -> np.ndarray:
-    if hasattr(value, "detach"):
-        value = value.detach().cpu()
-        if str(value.dtype) == "torch.bfloat16":
-            value = value.float()
-        return value.numpy()
-    return np.asarray(value)
-
-
 def find_port_files(path) -> tuple[Path, Path]:
     """(model.pt, config.yaml) of a port run directory or of its model.pt."""
     p = Path(path)
@@ -850,7 +410,7 @@ def port_checkpoint_to_import(ckpt: Any, cfg: dict, source: str, config_source: 
     report = [f"read {source} with {config_source}"]
     model_np = _tensor_dict(ckpt["model"], source, "['model']")
     params = port_tensors_to_neutral(model_np, cfg, source, "['model']")
-    step = _count(ckpt.get("step", 0), "step", source)
+    step = checked_count(ckpt.get("step", 0), "step", source)
     report.append(f"step {step}, {len(model_np)} port tensors -> {len(params)} parameters "
                   f"(net2 index {3 if float(cfg['dropout_prob']) > 0 else 2}, "
                   f"{int(cfg['n_attention_heads'])} attention head(s))")
@@ -868,8 +428,8 @@ def _port_ema(ema, model_np: dict, cfg: dict, source: str, report: list) -> dict
         report.append("no EMA state in the file")
         return None
     ema = strip_wrapper_prefixes(_tensor_dict(ema, source, "['ema']"))
-    ema_model = {k[len("ema_model."):]: _to_numpy(v) for k, v in ema.items() if k.startswith("ema_model.")}
-    online = {k[len("online_model."):]: _to_numpy(v) for k, v in ema.items() if k.startswith("online_model.")}
+    ema_model = {k[len("ema_model."):]: to_numpy(v) for k, v in ema.items() if k.startswith("ema_model.")}
+    online = {k[len("online_model."):]: to_numpy(v) for k, v in ema.items() if k.startswith("online_model.")}
     counters = {k: v for k, v in ema.items() if k in ("initted", "step")}
     other = sorted(set(ema) - {f"ema_model.{k}" for k in ema_model} - {f"online_model.{k}" for k in online}
                    - set(counters))
@@ -886,7 +446,7 @@ def _port_ema(ema, model_np: dict, cfg: dict, source: str, report: list) -> dict
             raise UpstreamError(f"{source}: ['ema'] online_model.* differs from ['model'] at {differ[:10]}; the "
                                 f"file mixes two runs")
     ema_params = port_tensors_to_neutral(ema_model, cfg, source, "['ema'] ema_model.*")
-    ema_step = _count(counters["step"], "['ema'] step", source) if "step" in counters else None
+    ema_step = checked_count(counters["step"], "['ema'] step", source) if "step" in counters else None
     report.append(f"EMA weights from ['ema'] (ema_pytorch, {ema_step} updates)" if ema_step is not None
                   else "EMA weights from ['ema']")
     return ema_params
@@ -927,7 +487,7 @@ def _port_adam(opt, cfg: dict, source: str, report: list):
             raise UpstreamError(f"{source} ['opt'] state of {names[n]} holds {sorted(entry)}; torch AdamW keeps "
                                 f"step, exp_avg and exp_avg_sq")
         mu[names[n]], nu[names[n]] = entry["exp_avg"], entry["exp_avg_sq"]
-        steps.add(_count(entry["step"], f"['opt'] step of {names[n]}", source))
+        steps.add(checked_count(entry["step"], f"['opt'] step of {names[n]}", source))
     if len(steps) != 1:
         raise UpstreamError(f"{source} ['opt'] parameters are at different Adam steps {sorted(steps)[:5]}")
     count = steps.pop()
@@ -945,11 +505,3 @@ def read_port(path, base_config=None) -> UpstreamImport:
     cfg = read_port_config(config_yaml)
     ckpt = load_torch_checkpoint(model_pt)
     return port_checkpoint_to_import(ckpt, cfg, str(model_pt), str(config_yaml), base_config)
-
-
-
-def write_neutral(imp: UpstreamImport, path):
-    """Saves an import as a neutral .safetensors checkpoint (`vdm_common.neutral`); returns the path."""
-    from vdm_common.neutral import save_neutral
-
-    return save_neutral(path, imp.to_neutral())
