@@ -21,11 +21,17 @@ the dropout-free function in both backends; dropout on is tested per backend (te
 Weights: a seeded torch init taken to the neutral form, then every tensor perturbed by 0.05 N(0, 1) (in
 float64, then cast), so that the zero-initialised output convolutions, conditioning projections and
 attention outputs are active and every parameter influences the output: a bug in any of them shows.
+
+ZERO_CASES (model comparison only): grid configs whose schedule weights hold exact zeros, where |w| has no
+derivative and each framework picks one (JAX: d|w|/dw = 1 at 0; torch.abs: 0; issue 16). One per place
+the schedules take |.|: the scalar w, the monotone network's kernels, the endpoints' |gamma_1 - gamma_0|,
+and the shape network under the variance-minimising gradient.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Callable
 
 import ml_collections
 import numpy as np
@@ -63,6 +69,39 @@ CASES: dict[str, dict] = {
                                            gamma_min=-8.0, gamma_max=6.0),
 }
 
+
+
+def _zeros(entries: dict[str, slice]):
+    """A weight edit setting `flat[key].flat[entries]` to exactly 0 for each key."""
+    def edit(flat):
+        for key, where in entries.items():
+            flat[key] = flat[key].copy()
+            flat[key].flat[where] = 0.0
+    return edit
+
+
+def _equal_endpoints(flat):
+    """gamma_1 = gamma_0: |gamma_1 - gamma_0| at 0 (a degenerate, constant schedule; its gradient is not)."""
+    flat["gamma/gamma_1"] = flat["gamma/gamma_0"].copy()
+
+
+_ENDPOINTS = dict(CASES["endpoints-vm-cont-attn2-c3-v17"], variance_minimisation=False)
+
+# case -> (config, in-place edit of the perturbed float64 weights). The zeros sit where their gradient is
+# not multiplied away: every third entry of the monotone kernels (the rest keep the schedule increasing),
+# or all of the scalar w / of the endpoints' gap (gamma is then constant in t, its gradient is not). With
+# gamma_1 = gamma_0 the shape network's gradient is exactly 0 on both sides, so its zeros get their own
+# case, under the variance-minimising gradient.
+ZERO_CASES: dict[str, tuple[dict, Callable[[dict], None]]] = {
+    "scalar-cont-c1-v17-w0": (CASES["scalar-cont-c1-v17"], _zeros({"gamma/w": slice(None)})),
+    "nnet-cont-attn2-c3-v256-zeros": (CASES["nnet-cont-attn2-c3-v256"], _zeros(
+        {"gamma/l2/kernel": slice(0, None, 3), "gamma/l3/kernel": slice(1, None, 3)})),
+    "endpoints-cont-attn2-c3-v17-equal": (_ENDPOINTS, _equal_endpoints),
+    "endpoints-vm-cont-attn2-c3-v17-zeros": (CASES["endpoints-vm-cont-attn2-c3-v17"], _zeros(
+        {"gamma/f/l2/kernel": slice(0, None, 3), "gamma/f/l3/kernel": slice(1, None, 3)})),
+}
+MODEL_CASES = (*CASES, *ZERO_CASES)   # the model comparison (forward, loss terms, gradients) runs on these
+
 # The training comparisons (20 steps, continued training) use two cases: the optimizer update does not
 # depend on the architecture beyond which parameters exist and which gradient they get; these two hold
 # every kind of parameter (learned scalar, network schedule with learned endpoints, attention with its
@@ -72,7 +111,8 @@ TRAIN_CASES = ("scalar-cont-c1-v17", "endpoints-vm-cont-attn2-c3-v17")
 
 def model_config(case: str, dtype: str) -> ModelConfig:
     """The ModelConfig of a case in float64 or float32 (compute_dtype selects the parameter dtype)."""
-    return ModelConfig.from_config(dict(_BASE, **CASES[case], compute_dtype=dtype))
+    config = ZERO_CASES[case][0] if case in ZERO_CASES else CASES[case]
+    return ModelConfig.from_config(dict(_BASE, **config, compute_dtype=dtype))
 
 
 def optimizer_config() -> ml_collections.ConfigDict:
@@ -94,7 +134,10 @@ def _weights64(case: str) -> dict[str, np.ndarray]:
     with torch.random.fork_rng(devices=[]):
         flat = torch_convert.params_to_neutral(init_params(cfg, seed=0))
     rs = np.random.RandomState(1)
-    return {k: flat[k] + PERTURBATION * rs.standard_normal(flat[k].shape) for k in sorted(flat)}
+    out = {k: flat[k] + PERTURBATION * rs.standard_normal(flat[k].shape) for k in sorted(flat)}
+    if case in ZERO_CASES:
+        ZERO_CASES[case][1](out)
+    return out
 
 
 def weights(case: str, dtype: str) -> dict[str, np.ndarray]:

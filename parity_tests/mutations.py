@@ -4,8 +4,8 @@ Each mutation is a context manager that patches one thing in vdm_torch (or in th
 restores it on exit; `MUTATIONS` names the comparison that must fail under it and the quantities expected
 to report the failure. The bugs are the classic ways two implementations of one model drift apart: a
 GroupNorm epsilon, a kernel layout, an attention scale, a feature order, the weight-decay mask, the
-clipping formula, an LR schedule off by one step, an EMA kept in lower precision, and a custom gradient
-that changes the gradient but not the loss.
+clipping formula, an LR schedule off by one step, an EMA kept in lower precision, a custom gradient
+that changes the gradient but not the loss, and torch.abs's derivative at 0 in the schedules.
 """
 from __future__ import annotations
 
@@ -22,6 +22,7 @@ from torch import nn
 from parity_tests import measure
 from vdm_common.weights import jax_key_to_torch
 from vdm_torch import convert as torch_convert
+from vdm_torch import schedules as torch_schedules
 from vdm_torch import steps as torch_steps
 from vdm_torch import unet as torch_unet
 from vdm_torch import vdm as torch_vdm
@@ -120,6 +121,12 @@ def variance_weight_in_nats():
     return patched(torch_vdm, "nats_to_bpd_scale", lambda image_shape: 1.0)
 
 
+def torch_abs_in_schedules():
+    """The schedules' |w| through torch.abs, whose derivative at w = 0 is 0 (JAX's is 1): the same values,
+    so only the gradient of a weight that is exactly 0 differs."""
+    return patched(torch_schedules, "weight_abs", torch.abs)
+
+
 @dataclasses.dataclass(frozen=True)
 class Mutation:
     name: str
@@ -143,6 +150,8 @@ MUTATIONS = (
              ("unet_output", "grad_bpd")),
     Mutation("variance_weight_in_nats", variance_weight_in_nats, measure.measure_model,
              "endpoints-vm-cont-attn2-c3-v17", ("grad_bpd",), only=True),
+    Mutation("torch_abs_in_schedules", torch_abs_in_schedules, measure.measure_model,
+             "nnet-cont-attn2-c3-v256-zeros", ("grad_bpd",), only=True),
     Mutation("no_weight_decay_mask", no_decay_mask, measure.measure_training, "scalar-cont-c1-v17",
              ("train_params",)),
     Mutation("torch_clip_formula", torch_clip_formula, measure.measure_training, "scalar-cont-c1-v17",

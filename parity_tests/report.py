@@ -185,13 +185,13 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m parity_tests.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="directory for parity_report.md / .json")
-    parser.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(cases.CASES)}")
+    parser.add_argument("--cases", default="", help=f"comma-separated subset of {', '.join(cases.MODEL_CASES)}")
     parser.add_argument("--dtypes", default=",".join(cases.DTYPES), help="comma-separated subset of "
                         f"{', '.join(cases.DTYPES)}")
     parser.add_argument("--no-mutations", action="store_true", help="skip the mutation checks")
     args = parser.parse_args(argv)
-    case_names = [c for c in args.cases.split(",") if c] or list(cases.CASES)
-    unknown = sorted(set(case_names) - set(cases.CASES)) + sorted(
+    case_names = [c for c in args.cases.split(",") if c] or list(cases.MODEL_CASES)
+    unknown = sorted(set(case_names) - set(cases.MODEL_CASES)) + sorted(
         set(d for d in args.dtypes.split(",") if d) - set(cases.DTYPES))
     if unknown:
         parser.error(f"unknown cases / dtypes: {unknown}")

@@ -568,3 +568,36 @@ def test_variance_minimisation_gives_the_shape_network_the_gradient_of_the_mean_
             torch.testing.assert_close(g_vm[name], g_vlb[name], rtol=1e-12, atol=1e-15, msg=name)
     assert (g_vm["gamma.f.l2.weight"] - g_vlb["gamma.f.l2.weight"]).abs().max() > \
         0.1 * g_vlb["gamma.f.l2.weight"].abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_weight_abs_derivative_is_jaxs_at_zero(make_config, dtype):
+    """weight_abs: torch.abs's values, and JAX's derivative of |x| (jax.grad(jnp.abs) is +1 at 0.0 and at
+    -0.0, -1 below 0, measured with jax 0.10), in reverse mode, forward mode and a double backward; so a
+    schedule weight at exactly 0 gets a gradient and can leave 0."""
+    x = torch.tensor([-2.0, -0.0, 0.0, 3.0], dtype=dtype, requires_grad=True)
+    y = schedules.weight_abs(x)
+    assert torch.equal(y, torch.abs(x)) and not torch.signbit(y).any()              # -0.0 -> +0.0 as abs
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    assert grad.tolist() == [-1.0, 1.0, 1.0, 1.0]
+    (second,) = torch.autograd.grad((grad * x).sum(), x)                            # d/dx (sign(x) x)
+    assert second.tolist() == [-1.0, 1.0, 1.0, 1.0]
+    _, tangent = torch.func.jvp(schedules.weight_abs, (x.detach(),), (torch.ones_like(x),))
+    assert tangent.tolist() == [-1.0, 1.0, 1.0, 1.0]
+
+    # Each place a schedule takes |.|, at exactly 0: the gradient JAX gives there, not torch.abs's 0.
+    scalar = schedules.LearnedScalar(make_config(gamma_type="learnable_scalar")).to(dtype)
+    with torch.no_grad():
+        scalar.w.zero_()
+    scalar(0.25).backward()
+    assert scalar.w.grad.item() == 0.25                                            # d (b + |w| t) / dw = t
+    layer = schedules.DenseMonotone(2, 1, bias=False).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[0.0, -0.5]]))
+    layer(torch.tensor([[3.0, 4.0]], dtype=dtype)).sum().backward()
+    assert layer.weight.grad.tolist() == [[3.0, -4.0]]
+    ends = schedules.LearnedNNetEndpoints(make_config(gamma_type="learnable_nnet_endpoints")).to(dtype)
+    with torch.no_grad():
+        ends.gamma_1.copy_(ends.gamma_0)
+    ends.endpoints()[1].backward()                                   # g1 = g0 + |gamma_1 - g0|
+    assert ends.gamma_1.grad.item() == 1.0 and ends.gamma_0.grad.item() == 0.0

@@ -14,6 +14,17 @@ from vdm_jax.unet import dtypes
 NNET_FEATURES = 1024
 
 
+def weight_abs(x):
+    """|x| for the schedules' weights, differentiated as JAX differentiates it: sign(x), and +1 at x = 0.
+
+    The schedules keep a weight's effect positive through |w|. At w = 0 exactly (an official
+    learnable_nnet model has such weights) |w| has no derivative and the frameworks choose: jnp.abs's is
+    +1 (also at -0.0), torch.abs's is 0, which would give such a weight no gradient and keep it at 0.
+    Both backends use JAX's, the official model's.
+    """
+    return jnp.abs(x)
+
+
 def constant_init(value):
     def init(key, shape, dtype=jnp.float32):
         return jnp.full(shape, value, dtype)
@@ -43,7 +54,7 @@ class LearnedScalar(nn.Module):
         w = self.param("w", constant_init(cfg.gamma_max - cfg.gamma_min), (1,), param_dtype)
         b = self.param("b", constant_init(cfg.gamma_min), (1,), param_dtype)
         t = jnp.asarray(t, param_dtype)
-        return b[0] + jnp.abs(w[0]) * t
+        return b[0] + weight_abs(w[0]) * t
 
 
 class DenseMonotone(nn.Module):
@@ -58,7 +69,7 @@ class DenseMonotone(nn.Module):
     @nn.compact
     def __call__(self, x):                                                           # (N, in) -> (N, features)
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype)
-        y = x @ jnp.abs(kernel)
+        y = x @ weight_abs(kernel)
         if self.use_bias:
             y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype)
         return y
@@ -108,7 +119,7 @@ class LearnedNNetEndpoints(nn.Module):
     def endpoints(self):
         """(gamma(0), gamma(1)) as 0-d arrays."""
         g0 = self.gamma_0[0]
-        return g0, g0 + jnp.abs(self.gamma_1[0] - g0)
+        return g0, g0 + weight_abs(self.gamma_1[0] - g0)
 
     def shape(self, t):
         """(f(t) - f(0)) / (f(1) - f(0)): increasing from 0 at t=0 to 1 at t=1, same shape as t."""

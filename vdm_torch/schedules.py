@@ -13,6 +13,42 @@ from vdm_common.config import ModelConfig
 NNET_FEATURES = 1024
 
 
+class _AbsJaxDerivative(torch.autograd.Function):
+    """torch.abs forward; backward (and forward-mode) by JAX's rule for |x|: select(x >= 0, +1, -1)."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x):
+        return torch.abs(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return torch.where(x >= 0, grad, -grad)
+
+    @staticmethod
+    def jvp(ctx, tangent):
+        (x,) = ctx.saved_tensors
+        return torch.where(x >= 0, tangent, -tangent)
+
+
+def weight_abs(x: torch.Tensor) -> torch.Tensor:
+    """|x| for the schedules' weights, differentiated as JAX differentiates it: sign(x), and +1 at x = 0.
+
+    The schedules keep a weight's effect positive through |w|. At w = 0 exactly (an official
+    learnable_nnet model has such weights) |w| has no derivative and the frameworks choose: jnp.abs's is
+    +1 (also at -0.0), torch.abs's is 0, which would give such a weight no gradient and keep it at 0.
+    Both backends use JAX's, the official model's.
+    """
+    return _AbsJaxDerivative.apply(x)
+
+
 def as_tensor(t, like: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     device = like.device if like is not None else None
     return torch.as_tensor(t, dtype=dtype, device=device)
@@ -42,7 +78,7 @@ class LearnedScalar(nn.Module):
 
     def forward(self, t) -> torch.Tensor:
         t = as_tensor(t, self.w, self.w.dtype)
-        return self.b[0] + torch.abs(self.w[0]) * t
+        return self.b[0] + weight_abs(self.w[0]) * t
 
 
 class DenseMonotone(nn.Module):
@@ -54,7 +90,7 @@ class DenseMonotone(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:                             # (N, in) -> (N, out)
-        return nn.functional.linear(x, torch.abs(self.weight), self.bias)
+        return nn.functional.linear(x, weight_abs(self.weight), self.bias)
 
 
 class LearnedNNet(nn.Module):
@@ -99,7 +135,7 @@ class LearnedNNetEndpoints(nn.Module):
     def endpoints(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(gamma(0), gamma(1)) as 0-d tensors."""
         g0 = self.gamma_0[0]
-        return g0, g0 + torch.abs(self.gamma_1[0] - g0)
+        return g0, g0 + weight_abs(self.gamma_1[0] - g0)
 
     def shape(self, t) -> torch.Tensor:
         """(f(t) - f(0)) / (f(1) - f(0)): increasing from 0 at t=0 to 1 at t=1, same shape as t."""
