@@ -352,6 +352,68 @@ def test_cifar10_unprepared_without_tensorflow_says_what_to_install(tmp_path, mo
     assert data_dir in str(info.value)
 
 
+def _pretend_installed(monkeypatch, *present):
+    """find_spec finds `present` (only checked for, never imported on the paths tested)."""
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: object() if name in present else real(name, *args))
+
+
+@pytest.mark.parametrize("manual", ["unset", "empty", "absent"])
+def test_cifar10_offline_without_the_archive_fails_at_once_saying_what_to_put_where(tmp_path, monkeypatch, manual):
+    pytest.importorskip("tensorflow_datasets")
+    _pretend_installed(monkeypatch, "tensorflow")
+    probed = []
+    monkeypatch.setattr(data, "_reachable", lambda url: probed.append(url) or False)   # no network
+    data_dir, manual_dir = tmp_path / "tfds", {"unset": "", "empty": tmp_path / "manual",
+                                               "absent": tmp_path / "nowhere"}[manual]
+    if manual == "empty":
+        manual_dir.mkdir()
+    with pytest.raises(data.DataError) as info:
+        data.load_dataset(data_config(dataset="cifar10", data_dir=str(data_dir), manual_dir=str(manual_dir)))
+    message = str(info.value)
+    assert probed == ["https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz"]
+    assert f"not prepared in {data_dir}" in message and "config.data.data_dir" in message
+    assert "cannot be downloaded: no connection to www.cs.toronto.edu within 2 s" in message
+    assert "Put cifar-10-binary.tar.gz (from https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz" in message
+    assert {"unset": "config.data.manual_dir is not set",
+            "empty": f"config.data.manual_dir = '{manual_dir}' has no cifar-10-binary.tar.gz",
+            "absent": f"config.data.manual_dir = '{manual_dir}' does not exist"}[manual] in message
+    assert not data_dir.exists() or not any(data_dir.rglob("*.array_record*"))
+
+
+def test_cifar10_archive_in_manual_dir_needs_no_network(tmp_path, monkeypatch):
+    # With the archive there, nothing is probed: preparing goes on to TensorFlow (hidden here: its message).
+    pytest.importorskip("tensorflow_datasets")
+    _hide_modules(monkeypatch, "tensorflow")
+    manual_dir = tmp_path / "manual"
+    manual_dir.mkdir()
+    (manual_dir / "cifar-10-binary.tar.gz").write_bytes(b"")
+    monkeypatch.setattr(data, "_reachable", lambda url: pytest.fail(f"probed {url}"))
+    assert data._check_download_possible("cifar10", str(tmp_path / "tfds"), str(manual_dir)) is None
+    with pytest.raises(data.DataError, match="pip install tensorflow-cpu"):
+        data.load_dataset(data_config(dataset="cifar10", data_dir=str(tmp_path / "tfds"), manual_dir=str(manual_dir)))
+
+
+def test_reachable_answers_within_its_timeout(monkeypatch):
+    import socket
+    import time
+    for variable in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    with socket.socket() as server:                       # loopback only: a port that listens, one that does not
+        server.bind(("127.0.0.1", 0))
+        server.listen(1)
+        assert data._reachable(f"http://127.0.0.1:{server.getsockname()[1]}/x", timeout=2.0)
+        with socket.socket() as closed:
+            closed.bind(("127.0.0.1", 0))
+            assert not data._reachable(f"http://127.0.0.1:{closed.getsockname()[1]}/x", timeout=2.0)
+    # A name lookup that hangs (a resolver that never answers) still gives an answer within the timeout.
+    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(30))
+    start = time.monotonic()
+    assert not data._reachable("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", timeout=0.5)
+    assert time.monotonic() - start < 2.0
+
+
 def test_tfds_missing_says_what_to_install(monkeypatch):
     _hide_modules(monkeypatch, "tensorflow_datasets")
     with pytest.raises(data.DataError, match=r"pip install 'vdm\[cifar\]'"):
@@ -395,6 +457,7 @@ def test_cifar10_prepares_from_an_archive_in_manual_dir(tmp_path, monkeypatch):
         original_init(self, *args, **kwargs)
 
     monkeypatch.setattr(tfds.download.DownloadManager, "__init__", recording_init)
+    monkeypatch.setattr(data, "_reachable", lambda url: pytest.fail(f"probed {url}: the archive is there"))
     data_dir = str(tmp_path / "tfds")
     ds = data.load_dataset(data_config(dataset="cifar10", data_dir=data_dir, manual_dir=str(manual_dir)))
     assert ds.train.shape == (15, 32, 32, 3) and ds.test.shape == (6, 32, 32, 3)

@@ -45,6 +45,13 @@ _TFDS_SOURCES = {
     "imagenet32": ("imagenet_resized/32x32", "train", "validation"),
 }
 _READ_CHUNK = 4096           # examples decoded per bulk read from a tfds source
+# The archives tfds downloads to prepare a data set; offline, they go into config.data.manual_dir.
+_TFDS_ARCHIVES = {
+    "cifar10": ("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",),
+    "imagenet_resized/32x32": ("http://www.image-net.org/data/downsample/Imagenet32_train_npz.zip",
+                               "http://www.image-net.org/data/downsample/Imagenet32_val_npz.zip"),
+}
+_PROBE_SECONDS = 2.0         # how long the test that a download can start waits for a connection
 
 # Tags that keep the random streams of different uses apart for the same seed.
 _STREAM_DIGITS_SPLIT = 0
@@ -200,6 +207,7 @@ def _prepare_tfds(builder: Any, name: str, manual_dir: str) -> None:
                         f"is not installed. Either `pip install tensorflow-cpu` and run again, or prepare it "
                         f"on another machine with tfds.builder({name!r}, data_dir=D, file_format='array_record')"
                         f".download_and_prepare() and copy D/{builder.info.full_name} to {where}")
+    _check_download_possible(name, where, manual_dir)
     import tensorflow as tf
     import tensorflow_datasets as tfds
 
@@ -220,6 +228,63 @@ def _prepare_tfds(builder: Any, name: str, manual_dir: str) -> None:
         raise DataError(f"preparing {name!r} into {where} failed ({type(e).__name__}: {e}). Without internet, put "
                         f"the original archive (for cifar10: cifar-10-binary.tar.gz) into a folder and set "
                         f"config.data.manual_dir to it (now {manual_dir!r})") from e
+
+
+def _check_download_possible(name: str, where: str, manual_dir: str) -> None:
+    """DataError at once when an archive that preparing `name` needs is neither in `manual_dir` nor can be
+    downloaded: offline, tfds's download manager retries for minutes before it fails."""
+    archives = _TFDS_ARCHIVES.get(name, ())
+    missing = [url for url in archives if not (manual_dir and os.path.isfile(os.path.join(manual_dir, _filename(url))))]
+    unreachable = sorted({_host(url) for url in missing if not _reachable(url)})
+    if not unreachable:
+        return
+    files = " and ".join(_filename(url) for url in missing)
+    if manual_dir:
+        where_now = f"config.data.manual_dir = {manual_dir!r} has no {files}" if os.path.isdir(manual_dir) else \
+            f"config.data.manual_dir = {manual_dir!r} does not exist"
+    else:
+        where_now = "config.data.manual_dir is not set"
+    raise DataError(f"data set {name!r} is not prepared in {where} (config.data.data_dir), and it cannot be "
+                    f"downloaded: no connection to {' and '.join(unreachable)} within {_PROBE_SECONDS:g} s. Put "
+                    f"{files} (from {' and '.join(missing)}, fetched on a machine with internet) into a folder "
+                    f"and set config.data.manual_dir to it ({where_now}); or set config.data.data_dir to a "
+                    f"folder where {name!r} is prepared")
+
+
+def _filename(url: str) -> str:
+    return url.rsplit("/", 1)[-1]
+
+
+def _host(url: str) -> str:
+    import urllib.parse
+    return urllib.parse.urlsplit(url).hostname or url
+
+
+def _reachable(url: str, timeout: float = _PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the proxy the environment names for its scheme)
+    opens within `timeout` seconds, the name lookup included (which a socket timeout does not bound: the
+    lookup runs in a thread that is left behind when it takes longer)."""
+    import socket
+    import threading
+    import urllib.parse
+    import urllib.request
+
+    parts = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(parts.hostname or ""):
+        parts = urllib.parse.urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+    opened = threading.Event()
+
+    def connect():
+        try:
+            with socket.create_connection(address, timeout=timeout):
+                opened.set()
+        except (OSError, ValueError):     # no route, refused, lookup failed, timed out; a malformed address
+            pass
+
+    threading.Thread(target=connect, name="vdm-download-probe", daemon=True).start()
+    return opened.wait(timeout)
 
 
 def _read_images(source: Any, where: str) -> np.ndarray:
