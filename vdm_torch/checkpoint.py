@@ -188,7 +188,8 @@ class Checkpointer:
             raise DamagedCheckpointError(f"checkpoint {path} does not exist (steps present: {self.torch_steps()})") \
                 from None
         except Exception as e:  # pickle / zip errors of many kinds for a damaged file
-            raise DamagedCheckpointError(f"cannot read checkpoint {path}: {type(e).__name__}: {e}. {hint}") from e
+            raise DamagedCheckpointError(f"cannot read checkpoint {path}: it {convert._unreadable(path, e)}. "
+                                         f"{hint}") from e
         if not isinstance(obj, dict):
             raise DamagedCheckpointError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict. {hint}")
         if "sha256" in obj and digest(obj) != obj["sha256"]:

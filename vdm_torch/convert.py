@@ -201,8 +201,7 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
     except FileNotFoundError:
         raise ConversionError(f"{path} does not exist") from None
     except Exception as e:  # pickle / zip errors of many kinds
-        raise ConversionError(f"{path} is not a torch file that torch.load(weights_only=True) reads: "
-                              f"{_unreadable(path, e)}") from None
+        raise ConversionError(f"{path} {_unreadable(path, e)}") from None
     if not isinstance(obj, Mapping):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict or a state_dict")
     if "model" not in obj:
@@ -240,21 +239,37 @@ def load_native(path: str | os.PathLike, model_config: ModelConfig | None = None
 
 
 def _unreadable(path: Path, error: Exception) -> str:
-    """Why torch.load refused a file, in the user's terms: the other kind of file it looks like, else the
-    first line of torch's reason."""
+    """Why torch.load refused a file, in the user's terms, as the words after its path: the kind of file it
+    looks like (torch.save writes a zip archive; before torch 1.6 a pickle), else the first line of torch's
+    reason."""
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            head = f.read(64)
     except OSError:                                      # a directory, no permission: torch's reason says it
-        head = b""
-    if len(head) == 9 and head[8:] == b"{":             # safetensors: an 8-byte header length, then JSON
-        return "it is a safetensors file; give it the .safetensors extension"
-    if head and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):   # a msgpack map (pickles start 0x80)
-        return "it looks like a flax msgpack file; give it the .msgpack extension (and pass --config)"
+        head = None
+    if head is not None and not head.startswith((b"PK\x03\x04", b"\x80")):
+        if len(head) >= 9 and head[8:9] == b"{":        # safetensors: an 8-byte header length, then JSON
+            return "is not a torch checkpoint: it is a safetensors file; give it the .safetensors extension"
+        if head and (0x81 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):   # a msgpack map
+            return ("is not a torch checkpoint: it looks like a flax msgpack file; give it the .msgpack extension "
+                    "(and pass --config)")
+        return (f"is not a torch checkpoint: torch.save writes a zip archive (its first bytes b'PK\\x03\\x04'), "
+                f"and this file {_looks_like(head)}")
     reason = str(error).splitlines()[0] if str(error) else type(error).__name__
     if reason.startswith("Weights only load failed"):
         reason = "it holds objects other than tensors, numbers, strings and containers"
-    return f"{reason} (the file is truncated, corrupt or not written by torch.save)"
+    return (f"is not a torch file that torch.load(weights_only=True) reads: {reason} (the file is truncated, "
+            f"corrupt or not written by torch.save)")
+
+
+def _looks_like(head: bytes) -> str:
+    """'is empty', 'starts with text: ...' or 'starts with the bytes ...' for the first bytes of a file."""
+    if not head:
+        return "is empty"
+    text = head.decode("utf-8", "ignore")
+    if len(text.encode()) >= len(head) - 3 and all(c.isprintable() or c in "\t\n\r" for c in text):
+        return f"starts with text: {text[:40]!r}"
+    return f"starts with the bytes {head[:8]!r}"
 
 
 def _read_state_dict(path: Path, obj: Mapping, key: str, model_config: ModelConfig) -> dict[str, np.ndarray]:

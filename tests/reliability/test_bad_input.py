@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -132,6 +133,15 @@ def official_run(tmp: Path) -> Path:
 
 def other_model_config() -> config_lib.ModelConfig:
     return config_lib.model_config(tiny_config(OTHER_MODEL))
+
+
+def torch_restore_text(tmp: Path, workdir: Path):
+    """Restoring step 2 of a copy of the workdir whose torch checkpoint of step 2 is a text file."""
+    copy = tmp / "run"
+    shutil.copytree(workdir, copy)
+    write(copy / "checkpoints" / "torch" / "step_2.pt", "notes, not a checkpoint\n")
+    ckpt = torch_checkpoint.Checkpointer(copy, config_lib.model_config(tiny_config()), 2, read_only=True)
+    return ckpt.restore(2, "torch", tiny_config().optimizer, fresh_optimizer=True)
 
 
 def torch_restore(workdir: Path, source: str):
@@ -261,8 +271,19 @@ CASES = {
     "safetensors file named .pt": Case(
         lambda tmp, workdir: convert.convert(write(tmp / "x.pt", workdir_lib.layout(workdir).neutral_path(2).read_bytes()),
                                              tmp / "y.safetensors"),
-        ConversionError, ("{tmp}/x.pt", "is not a torch file"), "give it the .safetensors extension",
+        ConversionError, ("{tmp}/x.pt", "is not a torch checkpoint"), "give it the .safetensors extension",
         needs_run=True),
+    "text file named .pt": Case(
+        lambda tmp, _: convert.convert(write(tmp / "notes.pt", "hello, some notes\n"), tmp / "y.safetensors"),
+        ConversionError, ("{tmp}/notes.pt", "is not a torch checkpoint", "starts with text: 'hello, some notes"),
+        "torch.save writes a zip archive"),
+    "empty file named .pt": Case(
+        lambda tmp, _: convert.convert(write(tmp / "x.pt", b""), tmp / "y.safetensors"), ConversionError,
+        ("{tmp}/x.pt", "is not a torch checkpoint", "is empty"), "torch.save writes a zip archive"),
+    "text file found as a torch checkpoint": Case(
+        lambda tmp, workdir: torch_restore_text(tmp, workdir), run.DamagedCheckpointError,
+        ("{tmp}/run/checkpoints/torch/step_2.pt", "is not a torch checkpoint", "starts with text: 'notes"),
+        "If that step is damaged, move the file away", needs_run=True),
     "torch file named .msgpack": Case(
         lambda tmp, workdir: convert.convert(
             write(tmp / "x.msgpack", (workdir / "checkpoints/torch/step_2.pt").read_bytes()), tmp / "y.safetensors",
