@@ -4,8 +4,10 @@ SIGTERM (what SLURM, Kubernetes and cloud preemption send before killing) and SI
 a training run: `StopSignals` records the signal, the loop finishes the steps it is running, saves a
 checkpoint of the current step and returns; the entry scripts then exit with status 128 + the signal
 number, the shell's convention for "ended by this signal", so job schedulers see a preempted run. A second
-signal of the same kind acts at once (the handler that was there before takes over): a run that hangs
-can still be stopped.
+signal stops the process at once, with one line and the same exit status, even while the main thread is
+inside a long step (a thread watches the signals as they arrive): a run that hangs can still be stopped.
+Nothing is left half-written by that: every checkpoint is written under a temporary name and renamed (or
+committed by orbax) when complete, and the next start removes what an unfinished one left.
 
 `NonFiniteSteps` counts the steps skipped because their loss or gradient was not finite (the step
 functions skip them, see `vdm_jax.steps.train_step`) and stops the run after
@@ -13,7 +15,9 @@ functions skip them, see `vdm_jax.steps.train_step`) and stops the run after
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 import threading
 
 from vdm_common.run import RunError
@@ -22,38 +26,74 @@ SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 class StopSignals:
-    """Context manager: while active, SIGTERM / SIGINT set `received` instead of ending the process.
+    """Context manager: while active, SIGTERM / SIGINT set `received` instead of ending the process; a
+    second one ends it at once (exit status 128 + its number).
 
-    Handlers are installed only in the main thread (Python allows no other); elsewhere it does nothing.
+    Python runs a signal's handler in the main thread, between two bytecodes: not while the main thread
+    waits in a long native call (an XLA step, a collective). The second signal is therefore seen by a
+    watcher thread too, through `signal.set_wakeup_fd`, to which the interpreter writes each signal's number
+    as it arrives. Handlers are installed only in the main thread (Python allows no other); elsewhere it does
+    nothing.
     """
 
     def __init__(self, say=print):
         self.received: int | None = None
         self._say = say
         self._previous: dict[int, object] = {}
+        self._previous_wakeup_fd = -1
+        self._wakeup_write_fd: int | None = None
+        self._stopping = threading.Lock()
 
     def __enter__(self) -> "StopSignals":
         if threading.current_thread() is threading.main_thread():
             for signum in SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)
+            read_fd, self._wakeup_write_fd = os.pipe()
+            os.set_blocking(self._wakeup_write_fd, False)     # set_wakeup_fd requires it
+            self._previous_wakeup_fd = signal.set_wakeup_fd(self._wakeup_write_fd, warn_on_full_buffer=False)
+            threading.Thread(target=self._watch, args=(read_fd,), name="vdm-second-signal", daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._wakeup_write_fd is not None:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            os.close(self._wakeup_write_fd)                   # the watcher reads the end of the pipe and ends
+            self._wakeup_write_fd = None
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
-            # The second signal: give it to the previous handler (the default one ends the process,
-            # Python's SIGINT handler raises KeyboardInterrupt).
-            previous = self._previous.get(signum, signal.SIG_DFL)
-            signal.signal(signum, previous)
-            signal.raise_signal(signum)
-            return
+            self._stop_now(signum)
         self.received = signum
         self._say(f"received {signal.Signals(signum).name}: stopping after the current steps and saving a "
                   f"checkpoint (send it again to stop at once, without saving)")
+
+    def _watch(self, read_fd: int) -> None:
+        """The watcher thread: ends the process at the second SIGTERM / SIGINT, wherever the main thread is."""
+        seen = 0
+        try:
+            while chunk := os.read(read_fd, 64):      # one byte per signal; b"" once the context has ended
+                for signum in chunk:
+                    if signum in SIGNALS:
+                        seen += 1
+                        if seen >= 2:
+                            self._stop_now(signum)
+        finally:
+            os.close(read_fd)
+
+    def _stop_now(self, signum: int) -> None:
+        """One line, the output flushed, and the process ends with 128 + signum (no cleanup runs: what is
+        being written stays under a temporary name, as after SIGKILL)."""
+        with self._stopping:                          # the main thread's handler and the watcher: one line
+            try:
+                self._say(f"received {signal.Signals(signum).name} again: stopped at once, without saving; "
+                          f"the newest checkpoint is where the next start resumes")
+                sys.stdout.flush()
+                sys.stderr.flush()
+            finally:
+                os._exit(128 + signum)
 
 
 def signal_name(signum: int | None) -> str | None:

@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,9 +37,45 @@ def test_signal_saves_the_current_step_and_the_run_resumes_exactly(backend, sign
 def test_a_second_signal_stops_at_once_without_saving(tmp_path):
     workdir = tmp_path / "run"
     proc = run_with_fault("torch", workdir, "signal-at-step:7:twice")
-    assert proc.returncode == -signal.SIGTERM
-    assert "received SIGTERM" in proc.stdout and "stopped by" not in proc.stdout
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr[-2000:]
+    assert "received SIGTERM:" in proc.stdout and "stopped by" not in proc.stdout
+    assert proc.stdout.count("received SIGTERM again: stopped at once, without saving") == 1
+    assert "Traceback" not in proc.stderr
     assert run.neutral_steps(str(workdir)) == [4]
+
+
+SECOND_SIGNAL = """
+import os, signal, sys, time
+from vdm_common.interrupts import StopSignals
+
+signum, busy = signal.Signals[sys.argv[1]], sys.argv[2] == "busy"
+with StopSignals() as stop:
+    if busy:  # the main thread as in a long native call: signals reach it only when it runs Python again
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    os.kill(os.getpid(), signum)
+    time.sleep(0.5)                 # (two signals sent back to back would merge into one)
+    print("first:", signal.Signals(stop.received).name, flush=True)
+    os.kill(os.getpid(), signum)
+    time.sleep(60)
+print("not stopped")
+"""
+
+
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("main_thread", ["idle", "busy"])
+def test_the_second_signal_ends_the_process_at_once_with_one_line(signame, main_thread):
+    start = time.monotonic()
+    proc = subprocess.run([sys.executable, "-c", SECOND_SIGNAL, signame, main_thread], cwd=ROOT, env=env(),
+                          capture_output=True, text=True, timeout=120)
+    assert time.monotonic() - start < 30                        # not after the main thread's 60 s
+    assert proc.returncode == 128 + signal.Signals[signame].value, proc.stderr
+    assert proc.stderr == ""                                    # no KeyboardInterrupt traceback
+    assert proc.stdout.splitlines() == [
+        f"received {signame}: stopping after the current steps and saving a checkpoint (send it again to stop at "
+        f"once, without saving)",
+        f"first: {signame}",
+        f"received {signame} again: stopped at once, without saving; the newest checkpoint is where the next start "
+        f"resumes"]
 
 
 def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
