@@ -350,6 +350,10 @@ CLI_CASES = {
     "unknown config key": pytest.param(
         lambda tmp: None, ("train_jax.py", "--config.training.batch_size_trian=64", "--workdir={tmp}/run"), 1,
         ("config.training.batch_size_trian", "unknown field"), "'batch_size_train'"),
+    "config file that does not exist": pytest.param(
+        lambda tmp: None, ("train_jax.py", "--config=configs/nope.py", "--workdir={tmp}/run"), 1,
+        ("--config=configs/nope.py: no such file", "configs/*.py"),
+        "(cifar10.py, cifar10_aug.py, imagenet32.py, quickstart.py)"),
     "truncated npz data file": pytest.param(
         truncated_npz, ("train_torch.py", "--config.data.dataset=npz", "--config.data.npz_path={input}",
                         "--workdir={tmp}/run"), 1,
@@ -375,6 +379,14 @@ def test_command_line_prints_one_error_and_leaves_the_input_alone(tmp_path, make
     assert fix in proc.stderr, proc.stderr
     assert path is None or path.read_bytes() == before               # the file pointed at is unchanged
     assert not (tmp_path / "run").exists() and not (tmp_path / "out.pt").exists()   # nothing was written
+
+
+@pytest.mark.parametrize("script", ["train_jax.py", "train_torch.py"])
+def test_help_prints_the_flags_and_exits_with_0(script, tmp_path):
+    for flag in ("--help", "--helpfull"):
+        proc = cli(script, flag, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        assert "--workdir" in proc.stdout and "--config" in proc.stdout and "error" not in proc.stderr
 
 
 def test_converter_reports_a_target_it_cannot_write(trained, tmp_path, capsys):
