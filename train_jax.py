@@ -31,7 +31,8 @@ def main(argv):
 
     def join():
         if FLAGS.multihost or FLAGS.coordinator_address:
-            engine.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+            engine.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
+                                          FLAGS.peer_timeout)
 
     return entry.run(argv, "jax", join, lambda: engine.Engine(engine.EngineOptions()))
 

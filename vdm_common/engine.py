@@ -18,6 +18,7 @@ import numpy as np
 
 from vdm_common.config import ModelConfig
 from vdm_common.types import Noise
+from vdm_common.watchdog import KeyValueStore
 
 State = Any
 Weights = Any
@@ -39,6 +40,7 @@ class Engine(Protocol):
     def device_count(self) -> int: ...                       # devices of all processes
     def all_ok(self, ok: bool) -> bool: ...                  # collective: True when True on every process
     def max_over_processes(self, value: int) -> int: ...     # collective
+    def peer_store(self) -> KeyValueStore | None: ...        # the job's key-value store; None in one process
 
     # -- training -------------------------------------------------------------------------------------------
     def init_or_restore(self, config: ml_collections.ConfigDict, workdir: str, image_shape: tuple[int, int, int],

@@ -7,6 +7,7 @@ engine, vdm_common.trainer.main, and one `error: ...` line with exit status 1 fo
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from typing import Callable
@@ -14,7 +15,8 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
-from vdm_common import interrupts, trainer
+from vdm_common import interrupts, run as run_lib, trainer, watchdog
+from vdm_common import workdir as workdir_lib
 from vdm_common.engine import Engine
 from vdm_common.errors import UserError
 
@@ -36,6 +38,9 @@ def define_flags(backend: str, multihost_help: str, coordinator_help: str) -> No
                                         "first call, which compiles) into <workdir>/profile/.")
     flags.DEFINE_integer("profile_steps", 20, "Steps the --profile trace covers (whole calls of "
                                               "training.substeps steps).")
+    flags.DEFINE_float("peer_timeout", 20.0, "Multi-process runs: seconds without a heartbeat of another process "
+                                             "(killed, lost, stopped) before every process stops, with exit status "
+                                             f"{watchdog.EXIT_PEER_LOST} (vdm_common/watchdog.py).", lower_bound=2.0)
 
 
 def run(argv: list[str], backend: str, join: Callable[[], None], make_engine: Callable[[], Engine],
@@ -51,16 +56,35 @@ def run(argv: list[str], backend: str, join: Callable[[], None], make_engine: Ca
     workdir = FLAGS.workdir or trainer.default_workdir(config_path, backend)
     overrides = config_flags.get_override_values(FLAGS["config"])
     engine = None
-    try:
-        join()
-        engine = make_engine()
-        config = trainer.entry_config(FLAGS.mode, workdir, FLAGS.config, FLAGS["config"].present > 0, overrides)
-        summary = trainer.main(engine, config, workdir, FLAGS.mode, overrides,
-                               profile_steps=FLAGS.profile_steps if FLAGS.profile else 0)
-    except UserError as e:
-        index, count = (engine.process_index(), engine.process_count()) if engine is not None else (0, 1)
-        print(f"error (process {index} of {count}): {e}" if index else f"error: {e}", file=sys.stderr)
-        return 1
-    finally:
-        leave()
+    with contextlib.ExitStack() as stack:
+        stack.callback(leave)              # last: after the peer watch has told the others this one is done
+        try:
+            join()
+            engine = make_engine()
+            watch = _watch_peers(engine, workdir, stack)
+            config = trainer.entry_config(FLAGS.mode, workdir, FLAGS.config, FLAGS["config"].present > 0, overrides)
+            try:
+                summary = trainer.main(engine, config, workdir, FLAGS.mode, overrides,
+                                       profile_steps=FLAGS.profile_steps if FLAGS.profile else 0)
+            except Exception as e:
+                if watch is not None and not isinstance(e, UserError):
+                    watch.settle()           # a collective failed because a peer is gone: the watch ends us
+                raise
+        except UserError as e:
+            index, count = (engine.process_index(), engine.process_count()) if engine is not None else (0, 1)
+            print(f"error (process {index} of {count}): {e}" if index else f"error: {e}", file=sys.stderr)
+            return 1
     return interrupts.exit_status(summary.get("interrupted"))
+
+
+def _watch_peers(engine: Engine, workdir: str, stack: contextlib.ExitStack) -> watchdog.PeerWatch | None:
+    """In a multi-process run, the watch that stops every process when one stops responding."""
+    store = engine.peer_store()
+    if store is None:
+        return None
+
+    def newest() -> str:
+        steps = run_lib.neutral_steps(workdir)
+        return f"step {steps[-1]} ({workdir_lib.layout(workdir).checkpoints})" if steps else "none yet"
+    return stack.enter_context(watchdog.PeerWatch(store, engine.process_index(), engine.process_count(),
+                                                  FLAGS.peer_timeout, newest))

@@ -20,6 +20,7 @@ reductions, and a resumed run is bit-identical to an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
 import functools
 import gzip
 import json
@@ -63,12 +64,34 @@ class EngineOptions:
 # ------------------------------------------------------------------------------------------- devices
 
 def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, peer_timeout: float = 20.0) -> None:
     """jax.distributed.initialize: explicit arguments, or none to let JAX detect the cluster (SLURM, Open MPI,
-    TPU pods). Must run before anything touches a device. On CPU the collectives go through gloo."""
+    TPU pods). Must run before anything touches a device. On CPU the collectives go through gloo.
+
+    The coordination service's heartbeat timeout (after which it aborts every process with a fatal error) is
+    set well beyond `peer_timeout`, the watch that stops the job cleanly first (vdm_common.watchdog)."""
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
-                               process_id=process_id)
+                               process_id=process_id, heartbeat_timeout_seconds=int(max(100, 3 * peer_timeout)))
+
+
+class CoordinationStore:
+    """The key-value store of JAX's coordination service (vdm_common.watchdog.KeyValueStore). JAX exposes
+    it only as `jax._src.distributed.global_state.client`, the client jax.distributed.initialize made."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def set(self, key: str, value: str) -> None:
+        self.client.key_value_set(key, value, allow_overwrite=True)
+
+    def get(self, key: str) -> str | None:
+        try:
+            return self.client.key_value_try_get(key)
+        except Exception as e:  # NOT_FOUND comes as a plain exception; anything else means the store is gone
+            if "NOT_FOUND" in str(e) or "not found" in str(e).lower():
+                return None
+            raise
 
 
 def make_mesh(devices=None) -> Mesh:
@@ -184,6 +207,10 @@ class Engine:
     def __init__(self, options: EngineOptions = EngineOptions()):
         self.options = options
         self.mesh = make_mesh(options.devices)
+        if jax.process_count() > 1:
+            # When process 0 dies, JAX aborts the others (see vdm_common.watchdog); absl's faulthandler would
+            # add a dump of every thread and loaded module to JAX's one fatal line.
+            faulthandler.disable()
         self._checkpointer: Checkpointer | None = None
         self._train_fn = self._train_rng = None
 
@@ -206,6 +233,11 @@ class Engine:
         if jax.process_count() == 1:
             return int(value)
         return int(np.max(multihost_utils.process_allgather(np.int32(value))))
+
+    def peer_store(self):
+        from jax._src import distributed
+        client = distributed.global_state.client
+        return CoordinationStore(client) if jax.process_count() > 1 and client is not None else None
 
     # -- training
     def init_or_restore(self, config, workdir, image_shape, say):

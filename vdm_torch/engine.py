@@ -224,6 +224,19 @@ def count_params(model: nn.Module) -> int:
     return int(sum(p.numel() for p in model.parameters()))
 
 
+class TCPStoreKeys:
+    """torch's process-group store as a vdm_common.watchdog.KeyValueStore."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def set(self, key: str, value: str) -> None:
+        self.store.set(key, value)
+
+    def get(self, key: str) -> str | None:
+        return self.store.get(key).decode() if self.store.check([key]) else None
+
+
 # ------------------------------------------------------------------------------------------------ engine
 
 class Engine:
@@ -254,6 +267,15 @@ class Engine:
 
     def max_over_processes(self, value: int) -> int:
         return int(_all_reduce(torch.tensor([int(value)], device=self.device), dist.ReduceOp.MAX, self.device).item())
+
+    def peer_store(self):
+        if process_count() == 1:
+            return None
+        # A connection of its own to the process group's TCPStore (torchrun's agent, or process 0), with a short
+        # timeout: an unanswered request must not hold the watch for the store's default 5 minutes.
+        store = dist.distributed_c10d._get_default_store().clone()
+        store.set_timeout(datetime.timedelta(seconds=5))
+        return TCPStoreKeys(store)
 
     def _fused(self, model_config: ModelConfig) -> bool:
         fused = self.options.fused_adamw

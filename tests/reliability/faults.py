@@ -4,11 +4,16 @@
 
 FAULT (comma-separated, each KIND:ARG):
   kill-at-step:N      SIGKILL when the batch of step N is loaded (while the steps before it run)
-  signal-at-step:N:S[:R]  send signal S (SIGTERM, SIGINT) to itself there (only the process of RANK R
-                      under torchrun, when R is given); `twice` as S sends SIGTERM twice
-  kill-in-write:NAME  a checkpoint file whose name contains NAME is half written, then SIGKILL (before
+  signal-at-step:N:S[:R]  send signal S (SIGTERM, SIGINT, SIGKILL, SIGSTOP) to itself there (only the
+                      process whose RANK variable is R, when R is given); `twice` as S sends SIGTERM twice
+  kill-in-write:NAME[:R]  a checkpoint file whose name contains NAME is half written, then SIGKILL (before
                       the rename that would complete it)
   kill-in-eval:K      SIGKILL after the first batch of the K-th evaluation of this process
+  signal-in-eval:K:S[:R]  signal S to itself there
+  kill-in-save:N[:R]  SIGKILL just after the save of step N has started (JAX: its files are being written
+                      in the background)
+  once:PATH           install the faults only if PATH.<RANK> does not exist (and create it): a restarted
+                      job runs without them
   enospc-in-write:NAME  writing a checkpoint file whose name contains NAME fails with "No space left on device"
   nan-at-steps:A:B    the loss and gradients of steps A..B-1 become NaN
   none                no fault
@@ -74,12 +79,17 @@ def nan_at_steps(first: int, stop: int, script: str) -> None:
     steps.step_generator, steps.draw_shard_noise = step_generator, draw_shard_noise
 
 
-def in_write(name: str, action) -> None:
+def mine(rank: str | None) -> bool:
+    """Whether a fault meant for process `rank` (None: every process) applies to this one."""
+    return rank is None or os.environ.get("RANK") == rank
+
+
+def in_write(name: str, action, rank: str | None = None) -> None:
     """Every atomic write ends with os.replace(temp, final): act on the temp file before it."""
     original = os.replace
 
     def replace(src, dst, *args, **kwargs):
-        if name in os.path.basename(os.fspath(dst)):
+        if name in os.path.basename(os.fspath(dst)) and mine(rank):
             action(src)
         return original(src, dst, *args, **kwargs)
     os.replace = replace
@@ -95,7 +105,7 @@ def no_space(temp) -> None:
     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), os.fspath(temp))
 
 
-def in_eval(k: int) -> None:
+def in_eval(k: int, action) -> None:
     original = data.image_batches
     calls = {"n": 0}
 
@@ -103,14 +113,29 @@ def in_eval(k: int) -> None:
         calls["n"] += 1
         for i, batch in enumerate(original(*args, **kwargs)):
             if calls["n"] == k and i == 1:
-                _kill()
+                action()
             yield batch
     data.image_batches = image_batches
 
 
+def in_save(step: int, script: str, rank: str | None) -> None:
+    if "jax" in script:
+        from vdm_jax import checkpoint
+    else:
+        from vdm_torch import checkpoint
+    original = checkpoint.Checkpointer.save
+
+    def save(self, s, state, *args, **kwargs):
+        result = original(self, s, state, *args, **kwargs)
+        if int(s) == step and mine(rank):
+            _kill()
+        return result
+    checkpoint.Checkpointer.save = save
+
+
 def send(name: str, rank: str | None = None):
     def action():
-        if rank is not None and os.environ.get("RANK") != rank:
+        if not mine(rank):
             return
         for signum in ([signal.SIGTERM, signal.SIGTERM] if name == "twice" else [signal.Signals[name]]):
             os.kill(os.getpid(), signum)
@@ -118,16 +143,26 @@ def send(name: str, rank: str | None = None):
 
 
 def install(spec: str, script: str) -> None:
-    for item in spec.split(","):
+    items = spec.split(",")
+    if items[0].startswith("once:"):
+        marker = Path(f"{items.pop(0)[len('once:'):]}.{os.environ.get('RANK', '0')}")
+        if marker.exists():
+            return
+        marker.touch()
+    for item in items:
         kind, *args = item.split(":")
         if kind == "kill-at-step":
             at_step(int(args[0]), _kill)
         elif kind == "signal-at-step":
             at_step(int(args[0]), send(*args[1:]))
         elif kind == "kill-in-write":
-            in_write(args[0], half_written_then_killed)
+            in_write(args[0], half_written_then_killed, *args[1:])
         elif kind == "kill-in-eval":
-            in_eval(int(args[0]))
+            in_eval(int(args[0]), _kill)
+        elif kind == "signal-in-eval":
+            in_eval(int(args[0]), send(*args[1:]))
+        elif kind == "kill-in-save":
+            in_save(int(args[0]), script, *args[1:])
         elif kind == "enospc-in-write":
             in_write(args[0], no_space)
         elif kind == "nan-at-steps":
