@@ -63,3 +63,11 @@ def pytest_terminal_summary(terminalreporter):
     terminalreporter.section("parity report")
     terminalreporter.write_line("## " + summary[1].rstrip() if len(summary) > 1 else text)
     terminalreporter.write_line(f"full report: {_WRITTEN[0]} and {_WRITTEN[1]}")
+
+
+def pytest_collection_modifyitems(items):
+    """Every parity test runs both backends."""
+    for item in items:
+        if "parity_tests" in str(item.fspath):
+            item.add_marker(pytest.mark.jax)
+            item.add_marker(pytest.mark.torch)

@@ -21,6 +21,8 @@ from vdm_common import workdir as workdir_lib  # noqa: E402
 from vdm_common.api import LoadError  # noqa: E402
 from tests.conftest import ROOT, run_mode, tiny_config  # noqa: E402
 
+pytestmark = [pytest.mark.jax, pytest.mark.torch]
+
 LOADERS = {"jax": vdm_jax.load, "torch": vdm_torch.load}
 
 

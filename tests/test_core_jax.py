@@ -22,6 +22,8 @@ from vdm_jax import schedules, unet, vdm  # noqa: E402
 from vdm_jax.unet import ScoreUNet  # noqa: E402
 from vdm_jax.vdm import VDM, Noise  # noqa: E402
 
+pytestmark = pytest.mark.jax
+
 HW, B = 8, 4
 
 

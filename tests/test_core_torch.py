@@ -18,6 +18,8 @@ from vdm_common.config import GAMMA_TYPES, ModelConfig, load_config, model_confi
 from vdm_torch import schedules, unet, vdm  # noqa: E402
 from vdm_torch.vdm import VDM, Noise  # noqa: E402
 
+pytestmark = pytest.mark.torch
+
 HW, B = 8, 4
 
 

@@ -77,6 +77,8 @@ from vdm_common import config as C, data
 from vdm_jax import engine
 from vdm_jax.checkpoint import to_host
 
+pytestmark = pytest.mark.jax
+
 cfg = C.load_config(sys.argv[1], sys.argv[3:])
 mc, opt = C.model_config(cfg), cfg.optimizer
 jax.config.update("jax_enable_x64", mc.compute_dtype == "float64")
@@ -229,6 +231,7 @@ def free_port() -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
     # TINY_RUN in float64 (tests/data_parallel.py), without the sample grid, in 1 process of 4 devices and in
     # 2 processes of 2, each with one thread (2 cores): other reduction orders, as on another CPU.

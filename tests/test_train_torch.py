@@ -27,6 +27,8 @@ from vdm_torch import checkpoint, engine, steps, vdm
 from tests import data_parallel
 from tests.conftest import TINY_MODEL, TINY_RUN, run_mode, tiny_config
 
+pytestmark = pytest.mark.torch
+
 ROOT = Path(__file__).resolve().parents[1]
 # 3 steps of a warm learning rate (no warmup: the first step moves the parameters), everything logged, in
 # float64: the runs on 2 processes and on 1 are compared with the bounds of tests/data_parallel.py (why: there).
@@ -255,6 +257,7 @@ def ddp_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_ddp_processes_equal_one_process(ddp_runs):
     two, proc, one = ddp_runs
     assert "[torch] 2 device(s) in 2 process(es); global batch 16 = 8 per device" in proc.stdout
@@ -281,6 +284,7 @@ def test_two_ddp_processes_equal_one_process(ddp_runs):
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_batch_not_divisible_by_the_processes_is_refused(ddp_runs):
     two, _, _ = ddp_runs
     before = tree_digest(two)

@@ -16,6 +16,8 @@ import pytest
 
 from conftest import RUN, ROOT, SCRIPTS, assert_same_state, env, final_state
 
+pytestmark = pytest.mark.multiprocess
+
 FAULTS = str(Path(__file__).with_name("faults.py"))
 EXIT_PEER_LOST = 75
 WITHIN = 30.0            # seconds from the fault to the survivor's exit (the peer timeout is 20)

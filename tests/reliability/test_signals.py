@@ -78,6 +78,7 @@ def test_the_second_signal_ends_the_process_at_once_with_one_line(signame, main_
         f"resumes"]
 
 
+@pytest.mark.multiprocess
 def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
     # Rank 0 alone gets SIGTERM (a preemption notice may reach one host first): both processes agree to stop
     # after the call of steps 4..6, save step 6 once and stop; torchrun reports the exit status.
@@ -93,6 +94,7 @@ def test_a_signal_to_one_ddp_process_stops_all_at_the_same_step(tmp_path):
     assert_same_state(final_state(workdir), final_state(whole))
 
 
+@pytest.mark.multiprocess
 def test_a_signal_to_one_jax_process_stops_both_at_the_same_step(tmp_path):
     # Two JAX processes (one CPU device each, gloo collectives); process 0 alone gets SIGTERM while the call of
     # steps 4..6 runs: both stop after it, step 6 is saved once, both exit with 128 + SIGTERM.
