@@ -328,3 +328,30 @@ def run_mode(backend: str, config, workdir, mode: str = "train", overrides=None,
     from vdm_common import trainer
     return trainer.main(make_engine(backend, **options), config, str(workdir), mode, overrides,
                         profile_steps=profile_steps)
+
+
+def cli_args(overrides) -> list[str]:
+    """['section.field=value', ...] -> the command line's ['--config.section.field=value', ...]."""
+    return [f"--config.{item}" for item in overrides]
+
+
+def records(workdir, split: str) -> list[dict]:
+    """The rows of one split ('train', 'eval') of a run's metrics.jsonl."""
+    from vdm_common.metrics import read_metrics
+    return [r for r in read_metrics(pathlib.Path(workdir) / "metrics.jsonl") if r["split"] == split]
+
+
+def tree_digest(path) -> dict[str, str]:
+    """{relative path: sha256} of every file under path (to prove what was left untouched)."""
+    import hashlib
+    path = pathlib.Path(path)
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def free_port() -> int:
+    """A TCP port on localhost that is free now (for a coordinator address)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -6,11 +6,9 @@ and multi-process tests. Models are tiny (11K parameters) so that every compile 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,13 +18,11 @@ import numpy as np
 import pytest
 
 from vdm_common import config as config_lib
-from vdm_common import data as data_lib
-from vdm_common import neutral, run, trainer
+from vdm_common import neutral, run
 from vdm_common import workdir as workdir_lib
-from vdm_common.metrics import read_metrics
 from vdm_jax import checkpoint, engine
 from tests import data_parallel
-from tests.conftest import QUICKSTART, TINY_MODEL, TINY_RUN, run_mode, tiny_config
+from tests.conftest import QUICKSTART, TINY_MODEL, TINY_RUN, cli_args, free_port, records, run_mode, tiny_config, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,10 +32,6 @@ METRICS = ("bpd", "bpd_recon", "bpd_latent", "bpd_diff")
 # rounding), in kernels of other shapes; each backend's float32 bpd is within 1e-5 relative of the float64 one
 # and of the other backend's (the parity suite's bound: parity_tests/tolerances.py, "bpd").
 EVAL_RTOL = 1e-5
-
-
-def cli_args(overrides) -> list[str]:
-    return [f"--config.{item}" for item in overrides]
 
 
 def device_env(num_devices: int) -> dict:
@@ -56,16 +48,6 @@ def run_cli(args, num_devices: int = 1, check: bool = True) -> subprocess.Comple
     if check and proc.returncode != 0:
         raise AssertionError(f"train_jax.py {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under path (to prove nothing was touched)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def records(workdir, split: str) -> list[dict]:
-    return [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["split"] == split]
 
 
 # --------------------------------------------------------------------------------- data parallelism
@@ -165,7 +147,7 @@ def test_quickstart_cli_end_to_end(cli_run_4dev):
     assert train_rows[2]["learning_rate"] == pytest.approx(2e-3, rel=1e-6)
     # Eval over the whole test split (297 images: 3 batches of 100, the last one padded and masked).
     assert eval_rows[0]["bpd_stderr"] > 0 and 1.0 < eval_rows[0]["bpd"] < 20.0
-    assert f"over 297 images (step 6" in proc.stdout and "per-pixel categorical baseline 2.4131" in proc.stdout
+    assert "over 297 images (step 6" in proc.stdout and "per-pixel categorical baseline 2.4131" in proc.stdout
     # Checkpoints every 2 steps, the newest 2 kept, orbax and neutral alike.
     ckpt = checkpoint.Checkpointer(workdir, config_lib.model_config(tiny_config()), 2, read_only=True)
     assert ckpt.orbax_steps() == [4, 6] and run.neutral_steps(str(workdir)) == [4, 6]
@@ -224,12 +206,6 @@ def test_checkpoint_of_four_devices_restores_on_one(cli_run_4dev, tmp_path):
     assert run_mode("jax", None, workdir, "plot")["path"] == str(plot) and plot.stat().st_size > 1000
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.multiprocess
 def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
@@ -262,56 +238,6 @@ def test_two_processes_of_two_devices_match_one_process_of_four(tmp_path):
 
 # --------------------------------------------------------------------------------------- resume, faults
 
-class Crash(Exception):
-    """Stands for whatever kills a run (preemption, a failing disk) between two checkpoints."""
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
-    # Dropout on: its masks must come back the same after a resume as well.
-    config = tiny_config("training.num_steps_train=8", "training.steps_per_save=4", "training.steps_per_eval=8",
-                         "training.num_eval_batches=1", "training.steps_per_sample=0", "model.sm_pdrop=0.1")
-    one_device = jax.devices()[:1]
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_mode("jax", config, whole, devices=one_device)
-
-    real_batch = data_lib.train_batch
-
-    def failing_batch(dataset, seed, step, *args, **kwargs):
-        if step >= 6:
-            raise Crash(f"killed at step {step}")
-        return real_batch(dataset, seed, step, *args, **kwargs)
-
-    monkeypatch.setattr(data_lib, "train_batch", failing_batch)
-    with pytest.raises(Crash):
-        run_mode("jax", config, broken, devices=one_device)
-    monkeypatch.undo()
-    mc = config_lib.model_config(config)
-    probe = checkpoint.Checkpointer(broken, mc, 3, read_only=True)
-    assert probe.orbax_steps() == [4]          # the save of step 4 finished although the run died after it
-    probe.close()
-    assert [r["step"] for r in records(broken, "train")] == [2, 4]
-
-    summary = run_mode("jax", config, broken, devices=one_device)
-    assert summary["step"] == 8
-    states = []
-    for workdir in (whole, broken):
-        ckpt = checkpoint.Checkpointer(workdir, mc, 3, read_only=True)
-        mesh = engine.make_mesh(one_device)
-        states.append(checkpoint.to_host(ckpt.restore(
-            8, "orbax", engine.abstract_train_state(mc, config.optimizer, (8, 8, 1), mesh), config.optimizer)))
-        ckpt.close()
-    leaves = [jax.tree_util.tree_leaves_with_path(s) for s in states]
-    assert len(leaves[0]) == len(leaves[1]) > 200
-    for (path, x), (_, y) in zip(*leaves):
-        assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), jax.tree_util.keystr(path)
-    assert records(whole, "eval")[-1]["bpd"] == records(broken, "eval")[-1]["bpd"]
-    # The crashed run had logged step 6 after its last checkpoint (4); the resumed one dropped that row and
-    # logged 6 and 8 again: each step once, the rows equal to the uninterrupted run's (but the speed).
-    rows = [[{k: v for k, v in r.items() if k != "steps_per_sec"} for r in records(w, "train")] for w in (whole, broken)]
-    assert [r["step"] for r in rows[1]] == [2, 4, 6, 8] and rows[0] == rows[1]
-
-
 def test_failed_background_save_is_raised_not_lost(tmp_path, monkeypatch):
     config = tiny_config()
     mc = config_lib.model_config(config)
@@ -339,41 +265,6 @@ def test_failed_background_save_is_raised_not_lost(tmp_path, monkeypatch):
     reader.close()
 
 
-@pytest.fixture
-def npz_run(tmp_path):
-    """A finished 2-step run on a user's .npz data set: (workdir, npz path, config overrides)."""
-    digits = data_lib.load_dataset(tiny_config().data)
-    npz = tmp_path / "images.npz"
-    np.savez(npz, train=digits.train[:200], test=digits.test[:50], vocab_size=np.int64(17))
-    overrides = ["data.dataset=npz", f"data.npz_path={npz}", "training.num_steps_train=2",
-                 "training.steps_per_sample=0", "training.batch_size_eval=50"]
-    workdir = tmp_path / "run"
-    run_mode("jax", tiny_config(*overrides), workdir, devices=jax.devices()[:1])
-    return workdir, npz, overrides
-
-
-def test_bad_inputs_give_clear_errors_and_touch_no_checkpoint(npz_run):
-    workdir, npz, overrides = npz_run
-    before = tree_digest(workdir)
-    assert any(name.startswith("checkpoints/orbax/2/") for name in before)
-    good = npz.read_bytes()
-
-    npz.write_bytes(good[: len(good) // 2])                               # a truncated file
-    with pytest.raises(data_lib.DataError, match=str(npz)):
-        run_mode("jax", tiny_config(*overrides), workdir, devices=jax.devices()[:1])
-    npz.unlink()                                                          # a missing file
-    with pytest.raises(data_lib.DataError, match=r"does not exist"):
-        run_mode("jax", tiny_config(*overrides), workdir, devices=jax.devices()[:1])
-    npz.write_bytes(good)
-    with pytest.raises(workdir_lib.WorkdirError) as error:               # a different config
-        run_mode("jax", tiny_config(*overrides, "model.sm_n_embd=16", "optimizer.learning_rate=1e-3"), workdir,
-                 devices=jax.devices()[:1])
-    assert "2 field(s) differ" in str(error.value)
-    assert "model.sm_n_embd: stored=8 new=16" in str(error.value)
-    assert "optimizer.learning_rate: stored=0.002 new=0.001" in str(error.value)
-    assert tree_digest(workdir) == before
-
-
 @pytest.mark.slow
 def test_batch_not_divisible_by_devices_is_refused(cli_run_4dev):
     workdir, _ = cli_run_4dev
@@ -386,30 +277,6 @@ def test_batch_not_divisible_by_devices_is_refused(cli_run_4dev):
             in proc.stderr) and "nearest: 16 or 20" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert tree_digest(workdir) == before
-
-
-def test_eval_reports_the_bound_and_averages_noise_draws(cli_run_4dev):
-    """--config.training.eval_timesteps picks the bound (continuous, or discrete with T steps: higher, and
-    closer to the continuous one as T grows); eval_noise_samples averages draws per image, shrinking the
-    standard error; each result names its bound and lands in its own file."""
-    workdir, _ = cli_run_4dev
-    one = jax.devices()[:1]
-
-    def evaluate(timesteps: int, draws: int) -> dict:
-        overrides = {"training.eval_timesteps": timesteps, "training.eval_noise_samples": draws}
-        return run_mode("jax", None, workdir, "eval", overrides, devices=one)
-
-    continuous, coarse, fine = evaluate(0, 8), evaluate(10, 8), evaluate(1000, 8)
-    assert continuous["bound"] == "continuous" and coarse["bound"] == "T10" and fine["bound"] == "T1000"
-    # Same t draws (rounded up to k/T), same eps: the T=10 bound is clearly above, T=1000 near the continuous one.
-    assert coarse["bpd_diff"] > fine["bpd_diff"] + 5 * fine["bpd_stderr"]
-    assert abs(fine["bpd"] - continuous["bpd"]) < 0.1 * (coarse["bpd"] - continuous["bpd"])
-    # The prior and reconstruction terms do not depend on the bound.
-    assert coarse["bpd_recon"] == pytest.approx(continuous["bpd_recon"], rel=1e-6)
-    single = evaluate(0, 1)
-    assert continuous["bpd_stderr"] < single["bpd_stderr"]
-    assert json.loads((workdir / "eval" / "step_6_T10_x8_297img_ema_jax.json").read_text())["bpd"] == coarse["bpd"]
-    assert trainer.format_eval(coarse).startswith("test bpd (discrete-time VLB, T=10, 8 noise draws per image)")
 
 
 def test_profile_writes_a_trace_of_the_steps_after_the_first_call(tmp_path, capsys):

@@ -7,7 +7,6 @@ milliseconds; process start-up dominates.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -20,12 +19,12 @@ import torch
 
 from vdm_common import config as config_lib
 from vdm_common import data as data_lib
-from vdm_common import neutral, run, trainer
+from vdm_common import neutral, run
 from vdm_common import workdir as workdir_lib
 from vdm_common.types import Noise
 from vdm_torch import checkpoint, engine, steps, vdm
 from tests import data_parallel
-from tests.conftest import TINY_MODEL, TINY_RUN, run_mode, tiny_config
+from tests.conftest import TINY_MODEL, TINY_RUN, cli_args, records, run_mode, tiny_config, tree_digest
 
 pytestmark = pytest.mark.torch
 
@@ -40,10 +39,6 @@ DDP_RUN = TINY_MODEL + [
 ]
 TRAIN_FIELDS = {"step", "split", "bpd", "bpd_recon", "bpd_latent", "bpd_diff", "learning_rate", "grad_norm",
                 "steps_per_sec", "skipped"}
-
-
-def cli_args(overrides) -> list[str]:
-    return [f"--config.{item}" for item in overrides]
 
 
 def env_one_thread() -> dict:
@@ -62,17 +57,6 @@ def run_cli(args, processes: int = 0, check: bool = True) -> subprocess.Complete
     if check and proc.returncode != 0:
         raise AssertionError(f"train_torch.py {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under path (to prove nothing was touched)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
-
-
-def records(workdir, split: str) -> list[dict]:
-    from vdm_common.metrics import read_metrics
-    return [r for r in read_metrics(Path(workdir) / "metrics.jsonl") if r["split"] == split]
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -223,27 +207,6 @@ def test_quickstart_cli_end_to_end(cli_run):
     assert json.loads(stored.read_text())["bpd_stderr"] == result["bpd_stderr"]
 
 
-def test_eval_reports_the_bound_and_averages_noise_draws(cli_run):
-    """As the JAX trainer: --config.training.eval_timesteps picks the bound (continuous, or discrete with T
-    steps: higher, and closer to the continuous one as T grows); eval_noise_samples averages draws per image,
-    shrinking the standard error; each result names its bound and lands in its own file."""
-    workdir, _ = cli_run
-
-    def evaluate(timesteps: int, draws: int) -> dict:
-        overrides = {"training.eval_timesteps": timesteps, "training.eval_noise_samples": draws}
-        return run_mode("torch", None, workdir, "eval", overrides, device="cpu")
-
-    continuous, coarse, fine = evaluate(0, 8), evaluate(10, 8), evaluate(1000, 8)
-    assert continuous["bound"] == "continuous" and coarse["bound"] == "T10" and fine["bound"] == "T1000"
-    assert coarse["bpd_diff"] > fine["bpd_diff"] + 5 * fine["bpd_stderr"]
-    assert abs(fine["bpd"] - continuous["bpd"]) < 0.1 * (coarse["bpd"] - continuous["bpd"])
-    assert coarse["bpd_recon"] == pytest.approx(continuous["bpd_recon"], rel=1e-6)
-    single = evaluate(0, 1)
-    assert continuous["bpd_stderr"] < single["bpd_stderr"]
-    assert json.loads((workdir / "eval" / "step_6_T10_x8_297img_ema_torch.json").read_text())["bpd"] == coarse["bpd"]
-    assert trainer.format_eval(coarse).startswith("test bpd (discrete-time VLB, T=10, 8 noise draws per image)")
-
-
 # --------------------------------------------------------------------------------- data parallelism
 
 @pytest.fixture(scope="module")
@@ -296,82 +259,6 @@ def test_batch_not_divisible_by_the_processes_is_refused(ddp_runs):
             and "nearest: 14 or 16" in proc.stderr)
     assert "vdm_torch" not in proc.stderr        # a message, not a traceback from our code
     assert tree_digest(two) == before
-
-
-# ------------------------------------------------------------------------------------ resume, faults
-
-class Crash(Exception):
-    """Stands for whatever kills a run (preemption, a failing disk) between two checkpoints."""
-
-
-@pytest.mark.slow
-def test_interrupted_run_resumes_bit_identical(tmp_path, monkeypatch):
-    # Dropout on: its masks must come back the same after a resume as well.
-    config = tiny_config("training.num_steps_train=8", "training.steps_per_save=4", "training.steps_per_eval=8",
-                         "training.num_eval_batches=1", "training.steps_per_sample=0", "model.sm_pdrop=0.1")
-    whole, broken = tmp_path / "whole", tmp_path / "broken"
-    run_mode("torch", config, whole, device="cpu")
-
-    real_batch = data_lib.train_batch
-
-    def failing_batch(dataset, seed, step, *args, **kwargs):
-        if step >= 6:
-            raise Crash(f"killed at step {step}")
-        return real_batch(dataset, seed, step, *args, **kwargs)
-
-    monkeypatch.setattr(data_lib, "train_batch", failing_batch)
-    with pytest.raises(Crash):
-        run_mode("torch", config, broken, device="cpu")
-    monkeypatch.undo()
-    mc = config_lib.model_config(config)
-    assert checkpoint.Checkpointer(broken, mc, 3).torch_steps() == [4]
-    assert [r["step"] for r in records(broken, "train")] == [2, 4]   # died loading the batches of steps 6..7
-    torch.manual_seed(12345)       # whatever the process did meanwhile: the run's draws do not depend on it
-
-    summary = run_mode("torch", config, broken, device="cpu")
-    assert summary["step"] == 8
-    a, b = (load_pt(checkpoint.Checkpointer(w, mc, 3).path(8)) for w in (whole, broken))
-    assert_same_state(a, b)
-    assert records(whole, "eval")[-1] == records(broken, "eval")[-1]
-    strip = lambda row: {k: v for k, v in row.items() if k != "steps_per_sec"}   # noqa: E731
-    assert [strip(r) for r in records(whole, "train")] == [strip(r) for r in records(broken, "train")]
-
-
-@pytest.fixture
-def npz_run(tmp_path):
-    """A finished 2-step run on a user's .npz data set: (workdir, npz path, config overrides)."""
-    digits = data_lib.load_dataset(tiny_config().data)
-    npz = tmp_path / "images.npz"
-    np.savez(npz, train=digits.train[:200], test=digits.test[:50], vocab_size=np.int64(17))
-    overrides = ["data.dataset=npz", f"data.npz_path={npz}", "training.num_steps_train=2",
-                 "training.steps_per_sample=0", "training.batch_size_eval=50"]
-    workdir = tmp_path / "run"
-    run_mode("torch", tiny_config(*overrides), workdir, device="cpu")
-    return workdir, npz, overrides
-
-
-def test_bad_inputs_give_clear_errors_and_touch_no_checkpoint(npz_run):
-    workdir, npz, overrides = npz_run
-    before = tree_digest(workdir)
-    assert "checkpoints/torch/step_2.pt" in before
-    good = npz.read_bytes()
-
-    npz.write_bytes(good[: len(good) // 2])                               # a truncated file
-    with pytest.raises(data_lib.DataError, match=str(npz)):
-        run_mode("torch", tiny_config(*overrides), workdir, device="cpu")
-    npz.unlink()                                                          # a missing file
-    with pytest.raises(data_lib.DataError, match=r"does not exist"):
-        run_mode("torch", tiny_config(*overrides), workdir, device="cpu")
-    npz.write_bytes(good)
-    with pytest.raises(workdir_lib.WorkdirError) as error:               # a different config
-        run_mode("torch", tiny_config(*overrides, "model.sm_n_embd=16", "optimizer.learning_rate=1e-3"), workdir,
-                 device="cpu")
-    assert "2 field(s) differ" in str(error.value)
-    assert "model.sm_n_embd: stored=8 new=16" in str(error.value)
-    assert "optimizer.learning_rate: stored=0.002 new=0.001" in str(error.value)
-    with pytest.raises(run.RunError, match=r"refused: \['model.sm_n_embd'\]"):
-        run_mode("torch", None, workdir, "eval", {"model.sm_n_embd": 16}, device="cpu")
-    assert tree_digest(workdir) == before
 
 
 # ------------------------------------------------------------------------------- the other backend

@@ -1,7 +1,6 @@
 """The framework-free parts of a run (vdm_common.trainer, run, workdir, metrics, noise, api): no backend needed."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest

@@ -227,7 +227,7 @@ def crossed(period: int, before: int, after: int) -> bool:
 
 def _train_loop(engine: Engine, setup: Setup, workdir: str, state, step: int, writer: metrics_lib.MetricsWriter,
                 stack: contextlib.ExitStack, profile_steps: int, say: Say) -> dict:
-    config, t, ds = setup.config, setup.config.training, setup.dataset
+    t, ds = setup.config.training, setup.dataset
     paths = workdir_lib.layout(workdir)
     pidx, pcount = engine.process_index(), engine.process_count()
     total = t.num_steps_train

@@ -37,12 +37,11 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vdm_common import config as config_lib
-from vdm_common import neutral
 from vdm_common import run
 from vdm_common.config import ModelConfig
-from vdm_common.types import Noise, nats_to_bpd_scale
+from vdm_common.types import Noise
 from vdm_jax import convert, steps, vdm
-from vdm_jax.checkpoint import ORBAX_DIR, Checkpointer, to_host
+from vdm_jax.checkpoint import Checkpointer, to_host
 from vdm_jax.unet import dtypes
 
 BACKEND = "jax"

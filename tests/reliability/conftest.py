@@ -6,7 +6,6 @@ The run: the digits with an 11K-parameter model, dropout on (so the resumed drop
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from vdm_common import neutral, run
+from vdm_common import neutral
 from vdm_common import workdir as workdir_lib
+from tests.conftest import tree_digest  # noqa: F401  (the reliability tests import it from here)
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPTS = {"jax": "train_jax.py", "torch": "train_torch.py"}
@@ -55,12 +55,6 @@ def assert_same_state(a: neutral.NeutralCheckpoint, b: neutral.NeutralCheckpoint
     assert (a.step, a.opt_count) == (b.step, b.opt_count)
     for name in ("params", "ema_params", "opt_mu", "opt_nu"):
         assert neutral.same_tensors(getattr(a, name), getattr(b, name)) == [], name
-
-
-def tree_digest(path: Path) -> dict[str, str]:
-    """{relative path: sha256} of every file under path (to prove what was left untouched)."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="session")

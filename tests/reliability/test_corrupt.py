@@ -15,7 +15,6 @@ import pytest
 import safetensors.numpy
 
 from conftest import assert_same_state, final_state, run_with_fault, tree_digest
-from vdm_common import run
 from vdm_common import workdir as workdir_lib
 
 

@@ -4,9 +4,6 @@ missing process and the newest checkpoint, and exit status 75; rerunning the sam
 torchrun's own restarts) resumes and ends bit-identical to an uninterrupted 2-process run."""
 from __future__ import annotations
 
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,18 +12,13 @@ from pathlib import Path
 import pytest
 
 from conftest import RUN, ROOT, SCRIPTS, assert_same_state, env, final_state
+from tests.conftest import free_port
 
 pytestmark = pytest.mark.multiprocess
 
 FAULTS = str(Path(__file__).with_name("faults.py"))
 EXIT_PEER_LOST = 75
 WITHIN = 30.0            # seconds from the fault to the survivor's exit (the peer timeout is 20)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def commands(backend: str, workdir: Path, fault: str, port: int) -> list[list[str]]:
