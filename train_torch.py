@@ -1,16 +1,8 @@
-"""Train, evaluate, sample from or plot a VDM with the PyTorch backend.
+"""Train, evaluate, sample from or plot a VDM with the PyTorch backend: the flags, modes, config files and run
+directories of train_jax.py (see its docstring), into runs/<config name>_torch by default. A run directory
+of either backend can be continued, evaluated or sampled here (the JAX run's neutral export is read):
 
-    python train_torch.py                                  # the quickstart (digits) into runs/quickstart_torch
-    python train_torch.py --config=configs/cifar10.py      # into runs/cifar10_torch
-    python train_torch.py --config=configs/cifar10.py --config.training.batch_size_train=64 --workdir=runs/c10
-    python train_torch.py --workdir=runs/quickstart_torch --mode=eval   # test bpd of the EMA params + baseline
-    python train_torch.py --workdir=runs/quickstart_torch --mode=sample --config.training.num_samples=16
-    python train_torch.py --workdir=runs/quickstart_torch --mode=plot   # plots/bpd.png from metrics.jsonl
     python train_torch.py --workdir=runs/quickstart_jax --mode=eval     # a JAX run, converted on the fly
-
-A training run resumes from the latest checkpoint of its workdir (its own, or the neutral export of a JAX run),
-and refuses a workdir made with a different config. Eval and sample modes use the config stored in the
-workdir (either backend's).
 
 Data parallelism: one process per device, started by torchrun (DistributedDataParallel; nccl on GPUs, gloo
 on CPUs); training.batch_size_train is the GLOBAL batch, split evenly over the processes:

@@ -355,3 +355,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def assert_tiny_run_outputs(workdir, backend: str, native_steps: list[int]) -> None:
+    """What a finished TINY_RUN leaves, whichever backend ran it: the newest 2 checkpoints (native steps as
+    given, and their neutral exports), the step-6 export, a 2 x 2 grid of 8x8 digits upscaled to >= 256
+    pixels, the plot, one TensorBoard event file."""
+    from PIL import Image
+    from vdm_common import neutral, run
+    from vdm_common import workdir as workdir_lib
+    workdir = pathlib.Path(workdir)
+    assert native_steps == [4, 6] and run.neutral_steps(str(workdir)) == [4, 6]
+    exported = neutral.load_neutral(workdir_lib.layout(workdir).neutral_path(6))
+    assert exported.step == 6 and exported.opt_count == 6 and exported.extra["backend"] == backend
+    grid = Image.open(workdir / "samples" / f"step_6_n4_T3_seed1_ema_{backend}.png")
+    assert grid.mode == "L" and grid.size[0] >= 256 and grid.size == grid.size[::-1]
+    assert (workdir / "plots" / "bpd.png").stat().st_size > 1000
+    assert len(list((workdir / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 1

@@ -18,11 +18,11 @@ import numpy as np
 import pytest
 
 from vdm_common import config as config_lib
-from vdm_common import neutral, run
+from vdm_common import neutral
 from vdm_common import workdir as workdir_lib
 from vdm_jax import checkpoint, engine
 from tests import data_parallel
-from tests.conftest import QUICKSTART, TINY_MODEL, TINY_RUN, cli_args, free_port, records, run_mode, tiny_config, tree_digest
+from tests.conftest import QUICKSTART, assert_tiny_run_outputs, TINY_MODEL, TINY_RUN, cli_args, free_port, records, run_mode, tiny_config, tree_digest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,16 +150,8 @@ def test_quickstart_cli_end_to_end(cli_run_4dev):
     assert "over 297 images (step 6" in proc.stdout and "per-pixel categorical baseline 2.4131" in proc.stdout
     # Checkpoints every 2 steps, the newest 2 kept, orbax and neutral alike.
     ckpt = checkpoint.Checkpointer(workdir, config_lib.model_config(tiny_config()), 2, read_only=True)
-    assert ckpt.orbax_steps() == [4, 6] and run.neutral_steps(str(workdir)) == [4, 6]
+    assert_tiny_run_outputs(workdir, "jax", ckpt.orbax_steps())
     ckpt.close()
-    exported = neutral.load_neutral(workdir_lib.layout(workdir).neutral_path(6))
-    assert exported.step == 6 and exported.opt_count == 6 and exported.extra["backend"] == "jax"
-    # A 4-sample grid of 8x8 digits: 2 x 2 tiles, upscaled to >= 256 pixels wide.
-    from PIL import Image
-    grid = Image.open(workdir / "samples" / "step_6_n4_T3_seed1_ema_jax.png")
-    assert grid.mode == "L" and grid.size[0] >= 256 and grid.size == grid.size[::-1]
-    assert (workdir / "plots" / "bpd.png").stat().st_size > 1000
-    assert len(list((workdir / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 1
 
 
 @pytest.mark.slow

@@ -24,7 +24,7 @@ from vdm_common import workdir as workdir_lib
 from vdm_common.types import Noise
 from vdm_torch import checkpoint, engine, steps, vdm
 from tests import data_parallel
-from tests.conftest import TINY_MODEL, TINY_RUN, cli_args, records, run_mode, tiny_config, tree_digest
+from tests.conftest import assert_tiny_run_outputs, TINY_MODEL, TINY_RUN, cli_args, records, run_mode, tiny_config, tree_digest
 
 pytestmark = pytest.mark.torch
 
@@ -190,14 +190,7 @@ def test_quickstart_cli_end_to_end(cli_run):
     assert eval_rows[0]["bpd_stderr"] > 0 and 1.0 < eval_rows[0]["bpd"] < 20.0
     assert "over 297 images (step 6" in out and "per-pixel categorical baseline 2.4131" in out
     ckpt = checkpoint.Checkpointer(workdir, config_lib.model_config(tiny_config()), 2, read_only=True)
-    assert ckpt.torch_steps() == [4, 6] and run.neutral_steps(str(workdir)) == [4, 6]
-    exported = neutral.load_neutral(workdir_lib.layout(workdir).neutral_path(6))
-    assert exported.step == 6 and exported.opt_count == 6 and exported.extra["backend"] == "torch"
-    from PIL import Image
-    grid = Image.open(workdir / "samples" / "step_6_n4_T3_seed1_ema_torch.png")
-    assert grid.mode == "L" and grid.size[0] >= 256 and grid.size == grid.size[::-1]
-    assert (workdir / "plots" / "bpd.png").stat().st_size > 1000
-    assert len(list((workdir / "tensorboard" / "train").glob("events.out.tfevents.*"))) == 1
+    assert_tiny_run_outputs(workdir, "torch", ckpt.torch_steps())
     # Eval mode on the finished run reproduces the final eval of training (same params, same noise).
     result = run_mode("torch", None, workdir, "eval", device="cpu")
     assert result["bpd"] == pytest.approx(eval_rows[0]["bpd"], rel=1e-9) and result["checkpoint"] == "torch"

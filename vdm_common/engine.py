@@ -3,7 +3,8 @@
 An engine holds only framework work: devices and processes (a JAX mesh, a torch process group), placement of
 host batches, compiled step functions, native checkpoints, the profiler. Everything a user sees (modes,
 cadence, messages, files) is the trainer's. `vdm_jax.engine.Engine` and `vdm_torch.engine.Engine` implement
-this protocol; each takes its options as one frozen dataclass, `EngineOptions`.
+this protocol; each takes its options as one frozen dataclass, `EngineOptions`. `on_main_process` is the
+one collective pattern both the trainer and an engine use.
 
 Arrays cross the boundary as numpy, NHWC, in the global batch: images uint8 in [0, vocab_size), conditioning
 float32 (B,), noise float64 (vdm_common.noise). `State` and `Weights` are the engine's own objects (a JAX
@@ -17,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from vdm_common.config import ModelConfig
+from vdm_common.run import RunError
 from vdm_common.types import Noise
 from vdm_common.watchdog import KeyValueStore
 
@@ -83,3 +85,19 @@ class Engine(Protocol):
         """Ancestral sampling from z_1 (N, H, W, C) in `steps` steps, step_noise() giving each step's noise,
         then decoding (argmax, or Gumbel-max with `gumbel` (N, H, W, C, V)): images (N, H, W, C) int32.
         This process alone (no collectives)."""
+
+
+def on_main_process(engine: Engine, fn: Callable[[], Any], what: str) -> Any:
+    """Runs fn on process 0 and lets every process know whether it succeeded (the others raise too)."""
+    error, result = None, None
+    if engine.process_index() == 0:
+        try:
+            result = fn()
+        except Exception as e:  # re-raised below, after telling the other processes
+            error = e
+    ok = engine.all_ok(error is None)
+    if error is not None:
+        raise error
+    if not ok:
+        raise RunError(f"process 0 failed to {what}; see its output")
+    return result

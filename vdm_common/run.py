@@ -35,6 +35,20 @@ class RunError(UserError, ValueError):
     """A run cannot start as asked (devices, batch sizes, mode, missing checkpoint); the message says the fix."""
 
 
+class CheckpointDirectory:
+    """What both backends' Checkpointers hold: the run's paths, the model config every checkpoint must match,
+    how many checkpoints to keep, whether this one may write, and its own folder checkpoints/<native>/."""
+
+    def __init__(self, workdir, model_config: config_lib.ModelConfig, max_to_keep: int, read_only: bool,
+                 native: str):
+        self.workdir = str(workdir)
+        self.model_config = model_config
+        self.max_to_keep = max_to_keep
+        self.read_only = read_only
+        self.paths = workdir_lib.layout(self.workdir)
+        self.directory = self.paths.native(native)
+
+
 # ------------------------------------------------------------------------------------------- evaluation
 
 def eval_statistics(per_example: Mapping[str, np.ndarray]) -> dict[str, float]:

@@ -34,7 +34,7 @@ from vdm_common import interrupts
 from vdm_common import metrics as metrics_lib
 from vdm_common import run
 from vdm_common import workdir as workdir_lib
-from vdm_common.engine import Engine
+from vdm_common.engine import Engine, on_main_process
 from vdm_common.run import RunError
 
 MODES = ("train", "eval", "sample", "plot")
@@ -121,22 +121,6 @@ class Say:
     def __call__(self, message: str) -> None:
         if self.enabled:
             tqdm.tqdm.write(message)
-
-
-def on_main_process(engine: Engine, fn: Callable[[], Any], what: str) -> Any:
-    """Runs fn on process 0 and lets every process know whether it succeeded (the others raise too)."""
-    error, result = None, None
-    if engine.process_index() == 0:
-        try:
-            result = fn()
-        except Exception as e:  # re-raised below, after telling the other processes
-            error = e
-    ok = engine.all_ok(error is None)
-    if error is not None:
-        raise error
-    if not ok:
-        raise RunError(f"process 0 failed to {what}; see its output")
-    return result
 
 
 # ------------------------------------------------------------------------------------------- run setup

@@ -28,7 +28,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from vdm_common import integrity, neutral, run
-from vdm_common import workdir as workdir_lib
 from vdm_common.config import ModelConfig
 from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_jax import convert
@@ -49,7 +48,7 @@ def to_host(tree: Any) -> Any:
     return jax.tree_util.tree_map(fetch, tree)
 
 
-class Checkpointer:
+class Checkpointer(run.CheckpointDirectory):
     """The checkpoints of one workdir: save every K steps (the caller decides when), keep N, restore latest.
 
     read_only: for eval / sample modes: nothing is created, written or deleted.
@@ -57,12 +56,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, model_config: ModelConfig, max_to_keep: int,
                  read_only: bool = False):
-        self.workdir = str(workdir)
-        self.model_config = model_config
-        self.max_to_keep = max_to_keep
-        self.read_only = read_only
-        self.paths = workdir_lib.layout(self.workdir)
-        self.directory = self.paths.native(ORBAX_DIR)
+        super().__init__(workdir, model_config, max_to_keep, read_only, ORBAX_DIR)
         self._pending: int | None = None     # step of the save that may still be running in the background
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=not read_only, read_only=read_only,

@@ -36,7 +36,6 @@ import ml_collections
 import torch
 
 from vdm_common import integrity, neutral, run
-from vdm_common import workdir as workdir_lib
 from vdm_common.config import ConfigError, ModelConfig
 from vdm_common.run import CheckpointError, DamagedCheckpointError
 from vdm_common.workdir import atomic_write
@@ -94,7 +93,7 @@ def set_rng_states(states: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
 
 
-class Checkpointer:
+class Checkpointer(run.CheckpointDirectory):
     """The checkpoints of one workdir: save every K steps (the caller decides when), keep N, restore latest.
 
     read_only: for eval / sample modes: nothing is created, written or deleted.
@@ -104,12 +103,7 @@ class Checkpointer:
 
     def __init__(self, workdir: str | os.PathLike, model_config: ModelConfig, max_to_keep: int,
                  read_only: bool = False):
-        self.workdir = str(workdir)
-        self.model_config = model_config
-        self.max_to_keep = max_to_keep
-        self.read_only = read_only
-        self.paths = workdir_lib.layout(self.workdir)
-        self.directory = self.paths.native(TORCH_DIR)
+        super().__init__(workdir, model_config, max_to_keep, read_only, TORCH_DIR)
 
     # ------------------------------------------------------------------------------------------- steps
     def path(self, step: int) -> Path:

@@ -45,6 +45,7 @@ from vdm_common import config as config_lib
 from vdm_common import metrics as metrics_lib
 from vdm_common import run
 from vdm_common.config import ModelConfig
+from vdm_common.engine import on_main_process
 from vdm_common.types import Noise
 from vdm_torch import convert, steps, vdm
 from vdm_torch.checkpoint import Checkpointer
@@ -333,17 +334,7 @@ class Engine:
 
     def save(self, step, state):
         # Process 0 writes (synchronously, atomically); the others learn whether it succeeded.
-        error = None
-        if process_index() == 0:
-            try:
-                self._checkpointer.save(step, state)
-            except Exception as e:  # re-raised below, after telling the other processes
-                error = e
-        ok = self.all_ok(error is None)
-        if error is not None:
-            raise error
-        if not ok:
-            raise run.RunError(f"process 0 failed to save checkpoint step {step}; see its output")
+        on_main_process(self, lambda: self._checkpointer.save(step, state), f"save checkpoint step {step}")
 
     def wait(self):
         """Nothing to wait for: saves are synchronous."""
