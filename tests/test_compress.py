@@ -302,7 +302,7 @@ def test_images_io_round_trip(tmp_path):
     np.testing.assert_array_equal(compressed_file.read_images(tmp_path / "pngs"), x)
     np.savez(tmp_path / "set.npz", train=x, test=x[:2])
     np.testing.assert_array_equal(compressed_file.read_images(tmp_path / "set.npz"), x[:2])
-    with pytest.raises(CompressionError, match="not an empty folder"):
+    with pytest.raises(CompressionError, match="exists \\(a folder\\); nothing is ever replaced"):
         compressed_file.write_images(tmp_path / "pngs", x)
     with pytest.raises(CompressionError, match="does not exist"):
         compressed_file.read_images(tmp_path / "missing.npz")
@@ -337,3 +337,28 @@ def test_torch_calls_do_not_depend_on_the_callers_threads():
         np.testing.assert_array_equal(compressed_file.decompress(face, data), x)
     finally:
         torch.set_num_threads(old)
+
+
+def test_the_backends_faces_mirror_each_other():
+    """vdm_jax/compress.py and vdm_torch/compress.py: the same public names (classes, methods, functions) in
+    the same order, with the same docstrings, read from their source."""
+    import ast
+    from tests.conftest import ROOT
+
+    def documented(backend):
+        tree = ast.parse((ROOT / f"vdm_{backend}" / "compress.py").read_text())
+        out = []
+        for node in tree.body:
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_"):
+                out.append((node.name, ast.get_docstring(node)))
+                if isinstance(node, ast.ClassDef):
+                    out += [(f"{node.name}.{n.name}", ast.get_docstring(n)) for n in node.body
+                            if isinstance(n, ast.FunctionDef) and not n.name.startswith("_") or
+                            isinstance(n, ast.FunctionDef) and n.name == "__init__"]
+            elif isinstance(node, ast.ImportFrom) and node.module.startswith("vdm_common"):
+                out += [(alias.name, node.module) for alias in node.names]
+        return out
+    jax_side, torch_side = documented("jax"), documented("torch")
+    assert [name for name, _ in jax_side] == [name for name, _ in torch_side]
+    assert jax_side == torch_side
+    assert {"ModelFace", "ModelFace.eps_hat", "compress", "decompress", "discrete_vlb"} <= {n for n, _ in jax_side}

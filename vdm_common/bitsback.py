@@ -32,6 +32,7 @@ from vdm_common.integrity import digest_arrays
 from vdm_common.run import RunError, eval_bound
 from vdm_common.types import Noise
 
+DEFAULT_TIMESTEPS = 100  # T where none is named (README "Lossless compression": rate against speed)
 GRID_BITS = 4            # latent bins 2^-4..2^-5 of the std of q, which they are popped from (README)
 WINDOW_STDS = 8          # each latent is coded in a window of +-8 stds of the wider Gaussian (p's may widen)
 MAX_BATCH = 256          # images per UNet call at most
@@ -71,6 +72,7 @@ class ModelFace(Protocol):
     def gamma(self, t: np.ndarray) -> np.ndarray: ...                     # (n,) times -> (n,) gamma(t)
     def eps_hat(self, z_t: np.ndarray, t: float) -> np.ndarray: ...       # (B, H, W, C) -> (B, H, W, C)
     def decoder_logprobs(self, z_0: np.ndarray) -> np.ndarray: ...        # (B, H, W, C) -> (B, H, W, C, V)
+    def loss_terms(self, model_config: ModelConfig, images: np.ndarray, noise: Noise) -> dict: ...  # discrete_vlb
 
 
 def model_digest(model_config: ModelConfig, neutral_params: dict[str, np.ndarray]) -> str:
@@ -483,7 +485,7 @@ def _encode_with_pool(face, sched, images, grid_bits, max_batch, pool_words, top
     coder = _Coder(pool)
     start = coder.bits()
     num = len(images)
-    order, costs, all_terms = [], [], []
+    costs, all_terms = [], []
     growth, done, sizes = 1, 0, chunk_sizes(num, 1, max_batch)
     c = 0
     while done < num:
@@ -538,12 +540,14 @@ def decode(face: ModelFace, stream: Stream, progress: Progress | None = None) ->
     return np.concatenate(chunks[::-1], axis=0), final[len(pool):]
 
 
-def vlb_all_steps(loss_terms: Callable[[np.ndarray, Noise], dict], images: np.ndarray, timesteps: int,
-                  seed: int = 0, batch_size: int = 512) -> dict[str, np.ndarray]:
-    """A discrete-time VLB with T steps per image, {'recon', 'klz', 'diff'} (N,) float64 nats, from a model's
-    loss_terms(images, Noise) (with sm_n_timesteps = T): evaluated at every t = i/T, i = 1..T, each with its
-    own eps and eps_0 drawn from numpy's PCG64(seed), and averaged. The diffusion term's expectation over t
-    is then exact, not the one-t-per-image estimate of eval (same expectation, far less variance)."""
+def discrete_vlb(face: ModelFace, images: np.ndarray, timesteps: int, seed: int = 0,
+                 batch_size: int = 512) -> dict[str, np.ndarray]:
+    """The model's discrete-time VLB with T = `timesteps` steps of images (N, H, W, C), per image in nats:
+    {'recon', 'klz', 'diff'}, each (N,) float64. vdm.VDM.loss_terms (face.loss_terms, with sm_n_timesteps =
+    T as run.eval_bound sets it) is evaluated at every t = i/T, i = 1..T, each with its own eps and eps_0
+    from numpy's PCG64(seed), and averaged: the bound's expectation over t exactly, rather than the one
+    sampled t per image of the eval mode (same expectation, far less variance)."""
+    config = eval_bound(face.model_config, timesteps)[0]
     rng = np.random.Generator(np.random.PCG64(seed))
     sums = {"recon": 0.0, "klz": 0.0, "diff": 0.0}
     for i in range(1, timesteps + 1):
@@ -552,15 +556,10 @@ def vlb_all_steps(loss_terms: Callable[[np.ndarray, Noise], dict], images: np.nd
             x = images[start:start + batch_size]
             noise = Noise(t=np.full((len(x),), i / timesteps), eps=rng.standard_normal(x.shape),
                           eps_0=rng.standard_normal(x.shape))
-            parts.append(loss_terms(x, noise))
+            parts.append(face.loss_terms(config, x, noise))
         for name in sums:
             sums[name] = sums[name] + np.concatenate([p[name] for p in parts])
     return {name: value / timesteps for name, value in sums.items()}
-
-
-def bound_config(model_config: ModelConfig, timesteps: int) -> ModelConfig:
-    """The model config whose loss is the discrete-time VLB with T steps (run.eval_bound's)."""
-    return eval_bound(model_config, timesteps)[0]
 
 
 @contextlib.contextmanager

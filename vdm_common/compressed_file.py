@@ -33,7 +33,6 @@ import numpy as np
 
 from vdm_common import bitsback
 from vdm_common.bitsback import CompressionError, ModelFace, Progress
-from vdm_common.workdir import atomic_write_bytes
 
 MAGIC = b"VDMZ"
 FORMAT_VERSION = 1
@@ -200,14 +199,10 @@ def compress(face: ModelFace, images, timesteps: int, grid_bits: int = bitsback.
     return encode_file(face, images, timesteps, grid_bits, max_batch, progress)[0]
 
 
-def decompress(face: ModelFace, data: bytes, timesteps: int | None = None,
-               progress: Progress | None = None) -> np.ndarray:
-    """The images (N, H, W, C) uint8 of a compressed file. timesteps: when given, the T the file must have.
-
-    CompressionError (before decoding) for an empty, truncated, foreign or damaged file, another model's
-    file, one written by another backend or device kind, or another T; (after decoding) when the images do
-    not match the stored SHA-256.
-    """
+def check_file(face: ModelFace, data: bytes, timesteps: int | None = None) -> Header:
+    """The header of a compressed file that `face` can decode, checked without decoding: CompressionError for
+    an empty, truncated, foreign or damaged file, another model's file, one written by another backend or
+    device kind, or (timesteps given) another T."""
     header = read_header(data)
     if header.model_digest != bytes.fromhex(face.digest)[:DIGEST_BYTES]:
         raise CompressionError(f"the file was compressed with another model (model digest "
@@ -220,7 +215,21 @@ def decompress(face: ModelFace, data: bytes, timesteps: int | None = None,
                                f"decompress it with {header.backend} on {header.device}")
     if timesteps is not None and timesteps != header.timesteps:
         raise CompressionError(f"the file was compressed with T = {header.timesteps} steps, not the "
-                               f"{timesteps} asked for")
+                               f"{timesteps} asked for: ask for T = {header.timesteps}, or name no T (the file "
+                               f"says which)")
+    if header.kept > header.pool_words or header.image_shape[2] != face.model_config.image_channels:
+        raise CompressionError("the compressed file's header is damaged (its sizes do not fit the model)")
+    return header
+
+
+def decompress(face: ModelFace, data: bytes, timesteps: int | None = None,
+               progress: Progress | None = None) -> np.ndarray:
+    """The images (N, H, W, C) uint8 of a compressed file. timesteps: when given, the T the file must have.
+
+    CompressionError before decoding where check_file refuses the file; after decoding, when the images do
+    not match the stored SHA-256.
+    """
+    header = check_file(face, data, timesteps)
     data = bytes(data)
     start = header.header_bytes - 4
     words = np.frombuffer(data[start:start + header.payload_bytes], "<u4").astype(np.uint32)
@@ -229,8 +238,6 @@ def decompress(face: ModelFace, data: bytes, timesteps: int | None = None,
                              max_batch=header.max_batch, growth=max(header.growth, 1),
                              pool_words=header.pool_words, kept=header.kept, words=words,
                              top_words=CHECKSUM_WORDS)
-    if header.kept > header.pool_words or header.image_shape[2] != face.model_config.image_channels:
-        raise CompressionError("the compressed file's header is damaged (its sizes do not fit the model)")
     images, checksum = bitsback.decode(face, stream, progress)
     if not np.array_equal(checksum, checksum_words(images)):
         raise CompressionError("the decompressed images do not match the file's SHA-256: the file is damaged, or "
@@ -291,34 +298,72 @@ def _read_pngs(folder: Path) -> np.ndarray:
     return np.stack(images)
 
 
+def refuse_existing(path: str | os.PathLike, empty_folder_ok: bool = False) -> Path:
+    """`path` as a Path, or CompressionError when something is there already: compressing and decompressing
+    never replace a file or folder (an empty folder may take PNGs when `empty_folder_ok`)."""
+    path = Path(path)
+    if empty_folder_ok and path.is_dir() and not any(path.iterdir()):
+        return path
+    if path.exists() or path.is_symlink():
+        kind = "a folder" if path.is_dir() else "a file"
+        raise CompressionError(f"--output {path} exists ({kind}); nothing is ever replaced. Name a path that "
+                               f"does not exist yet, or move {path} away first")
+    return path
+
+
+def _write_new(path: Path, data: bytes) -> Path:
+    """Writes `data` to `path`, which must not exist: a temporary file in the same folder, fsync, then a hard
+    link to `path` (which fails when `path` appeared meanwhile, where a rename would replace it)."""
+    refuse_existing(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            refuse_existing(path)
+            raise
+    finally:
+        os.unlink(tmp)
+    return path
+
+
 def write_images(path: str | os.PathLike, images: np.ndarray) -> Path:
-    """Writes images (N, H, W, C) uint8 to `path`: a .npz (array 'images') or a new folder of PNGs
-    000000.png, ... (C = 1 or 3), atomically (a temporary name, then a rename). Returns the path."""
+    """Writes images (N, H, W, C) uint8 to `path`, which must not exist (or be an empty folder, for PNGs):
+    a .npz (array 'images') or a folder of PNGs 000000.png, ... (C = 1 or 3), each whole or not at all.
+    Returns the path."""
     path = Path(path)
     if path.suffix == ".npz":
         buffer = io.BytesIO()
         np.savez(buffer, images=images)
-        atomic_write_bytes(path, buffer.getvalue())
-        return path
+        return _write_new(path, buffer.getvalue())
+    if path.suffix.lower() in (".png", ".npy", SUFFIX):
+        raise CompressionError(f"--output {path}: images are written to a .npz or to a folder of PNGs; name "
+                               f"a .npz file or a folder")
     from PIL import Image
 
     if images.shape[3] not in (1, 3):
         raise CompressionError(f"PNG output takes 1 or 3 channels, the images have {images.shape[3]}; write "
                                f"a .npz instead")
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise CompressionError(f"--output {path} exists and is not an empty folder; name a new folder or a .npz")
+    refuse_existing(path, empty_folder_ok=True)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     width = max(6, len(str(len(images) - 1)))
     for i, image in enumerate(images):
         Image.fromarray(image[..., 0] if image.shape[2] == 1 else image).save(staging / f"{i:0{width}d}.png")
     if path.exists():
-        path.rmdir()
+        path.rmdir()           # empty (checked above); fails, keeping staging, if files arrived meanwhile
     staging.rename(path)
     return path
 
 
 def read_compressed(path: str | os.PathLike) -> bytes:
+    """The bytes of a compressed file, or CompressionError naming `path` when it is no file."""
     path = Path(path)
     if not path.is_file():
         raise CompressionError(f"--input {path} is not a file; give a file written by --mode=compress")
@@ -326,8 +371,5 @@ def read_compressed(path: str | os.PathLike) -> bytes:
 
 
 def write_compressed(path: str | os.PathLike, data: bytes) -> Path:
-    """Writes a compressed file atomically; returns the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, data)
-    return path
+    """Writes a compressed file to `path`, which must not exist, whole or not at all; returns the path."""
+    return _write_new(Path(path), data)

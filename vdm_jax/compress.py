@@ -15,13 +15,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vdm_common import bitsback, compressed_file
+from vdm_common import bitsback
+# The coder's functions, written once (framework-free) and taking a ModelFace: compress(face, images, T),
+# decompress(face, data), discrete_vlb(face, images, T).
+from vdm_common.bitsback import discrete_vlb
+from vdm_common.compressed_file import compress, decompress
 from vdm_common.config import ModelConfig
 from vdm_common.neutral import NeutralCheckpoint
 from vdm_common.types import Noise
 from vdm_jax import convert
 from vdm_jax.unet import dtypes
 from vdm_jax.vdm import VDM
+
+__all__ = ["ModelFace", "compress", "decompress", "discrete_vlb"]
 
 
 def _eps_hat(model: VDM, z_t, t):
@@ -104,28 +110,3 @@ class ModelFace:
         noise = Noise(*(jnp.asarray(a, self._dtype) for a in noise))
         terms = self._losses[model_config](self._variables, jnp.asarray(images, jnp.int32), noise)
         return {name: np.asarray(value, np.float64) for name, value in terms._asdict().items()}
-
-
-def compress(face: ModelFace, images: np.ndarray, timesteps: int, progress: bitsback.Progress | None = None,
-             **options) -> bytes:
-    """The compressed file of images (N, H, W, C) uint8 with the discrete-time model of T = `timesteps`
-    steps (vdm_common.compressed_file.compress; options: grid_bits, max_batch)."""
-    return compressed_file.compress(face, images, timesteps, progress=progress, **options)
-
-
-def decompress(face: ModelFace, data: bytes, timesteps: int | None = None,
-               progress: bitsback.Progress | None = None) -> np.ndarray:
-    """The images (N, H, W, C) uint8 of a compressed file; CompressionError for a file of another model,
-    backend, device kind or T (when `timesteps` is given), or a damaged one (compressed_file.decompress)."""
-    return compressed_file.decompress(face, data, timesteps, progress)
-
-
-def discrete_vlb(face: ModelFace, images: np.ndarray, timesteps: int, seed: int = 0,
-                 batch_size: int = 512) -> dict[str, np.ndarray]:
-    """The model's discrete-time VLB with T = `timesteps` steps of images (N, H, W, C), per image in nats:
-    {'recon', 'klz', 'diff'}, each (N,) float64. vdm.VDM.loss_terms is evaluated at every t = i/T, i = 1..T
-    (each with its own eps and eps_0 from numpy's PCG64(seed)) and averaged: the bound's expectation over t
-    exactly, rather than one sampled t per image."""
-    config = bitsback.bound_config(face.model_config, timesteps)
-    return bitsback.vlb_all_steps(lambda x, noise: face.loss_terms(config, x, noise), images, timesteps, seed,
-                                  batch_size)
