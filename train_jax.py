@@ -6,9 +6,12 @@
     python train_jax.py --workdir=runs/quickstart_jax --mode=eval     # test bpd of the EMA params + baseline
     python train_jax.py --workdir=runs/quickstart_jax --mode=sample --config.training.num_samples=16
     python train_jax.py --workdir=runs/quickstart_jax --mode=plot     # plots/bpd.png from metrics.jsonl
+    python train_jax.py --workdir=runs/quickstart_jax --mode=compress --input=digits.npz --output=digits.vdmz
+    python train_jax.py --workdir=runs/quickstart_jax --mode=decompress --input=digits.vdmz --output=pngs/
 
 A training run resumes from the latest checkpoint of its workdir, and refuses a workdir made with a different
-config. Eval and sample modes use the config stored in the workdir (either backend's).
+config. Eval, sample, compress and decompress modes use the config stored in the workdir (either backend's);
+compress codes images losslessly with bits-back coding (README "Lossless compression").
 
 Multi-host: start one process per host with the same flags plus
     --coordinator_address=HOST0:PORT --num_processes=N --process_id=I

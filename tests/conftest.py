@@ -223,7 +223,7 @@ def official_param_shapes() -> dict:
 
 # -------------------------------------------------------------------------------------- mirrored layout
 
-MIRRORED_MODULES = ("unet", "schedules", "vdm")
+MIRRORED_MODULES = ("unet", "schedules", "vdm", "compress")
 
 # Public helpers that only one backend needs. Keep this list short: anything else must exist in both.
 BACKEND_ONLY = {
@@ -323,11 +323,12 @@ def make_engine(backend: str, **options):
 
 
 def run_mode(backend: str, config, workdir, mode: str = "train", overrides=None, profile_steps: int = 0,
-             **options) -> dict:
-    """vdm_common.trainer.main on a fresh engine of `backend` (what train_<backend>.py does in-process)."""
+             coding=None, **options) -> dict:
+    """vdm_common.trainer.main on a fresh engine of `backend` (what train_<backend>.py does in-process);
+    coding: the trainer.Coding of the compress and decompress modes."""
     from vdm_common import trainer
     return trainer.main(make_engine(backend, **options), config, str(workdir), mode, overrides,
-                        profile_steps=profile_steps)
+                        profile_steps=profile_steps, coding=coding)
 
 
 def cli_args(overrides) -> list[str]:

@@ -4,14 +4,18 @@
     model = vdm_torch.load("runs/quickstart_jax")        # a run directory of either backend, or a file
     result = model.bpd(images)                            # per-image bpd and its terms, numpy
     samples = model.sample(16, steps=100, seed=0)         # uint8 (16, H, W, C)
+    data = model.compress(images, timesteps=100)          # bytes: bits-back coded, lossless
+    assert (model.decompress(data) == images).all()
 
 The noise of `bpd` and `sample` is drawn framework-free (vdm_common.noise) from `seed`, per image, so the two
 backends give the same numbers for the same seed, to float32 rounding. The command line's eval and sample
-modes call these same functions (vdm_common.trainer).
+modes call these same functions (vdm_common.trainer), and so do its compress and decompress modes (a file
+decodes with the weights, backend and device kind that wrote it: vdm_common.compressed_file).
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from pathlib import Path
 from typing import Any, Callable
@@ -90,7 +94,7 @@ def sample_images(engine: Engine, model_config: config_lib.ModelConfig, weights:
 
 
 class TrainedModel:
-    """A VDM's weights on one engine, with its config: bpd of images, samples.
+    """A VDM's weights on one engine, with its config: bpd of images, samples, lossless compression.
 
     Attributes: `config` (the run's whole config), `model_config`, `step` (of the checkpoint), `source` (the
     checkpoint read: 'orbax', 'torch', 'neutral' or a file path), `which` ('ema' or 'params'), `engine`, and
@@ -150,6 +154,35 @@ class TrainedModel:
         images = sample_images(self.engine, self.model_config, self.weights, int(n),
                                int(steps or self.config.training.sample_steps), seed, shape)
         return images.astype(np.uint8)
+
+    def compress(self, images: Any, timesteps: int | None = None,
+                 progress: Callable[[int], None] | None = None) -> bytes:
+        """The compressed file (bytes) of `images` (N, H, W, C) integers in [0, vocab_size): bits-back coded
+        with the discrete-time model of T = `timesteps` steps (default bitsback.DEFAULT_TIMESTEPS), about
+        the discrete-time VLB of T steps per image plus one image's initial bits per file. Lossless:
+        `decompress` gives the same images back with these weights, this backend and device kind.
+        progress(n): n more image-steps done, N (T + 1) in all."""
+        from vdm_common import bitsback, compressed_file
+        images = self.check_images(images)
+        timesteps = bitsback.DEFAULT_TIMESTEPS if timesteps is None else timesteps
+        if not (isinstance(timesteps, (int, np.integer)) and timesteps >= 1):
+            raise LoadError(f"timesteps={timesteps!r}: pass an integer T >= 1 (the steps of the coded model)")
+        return compressed_file.compress(self.model_face, images.astype(np.uint8), int(timesteps), progress=progress)
+
+    def decompress(self, data: bytes, timesteps: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> np.ndarray:
+        """The images (N, H, W, C) uint8 of a file written by `compress`. timesteps: when given, the T the
+        file must have. CompressionError (nothing decoded) for an empty, truncated, damaged or foreign file,
+        one of other weights, backend or device kind, or another T."""
+        from vdm_common import compressed_file
+        return compressed_file.decompress(self.model_face, data, timesteps, progress)
+
+    @functools.cached_property
+    def model_face(self):
+        """The backend's face of these weights for the bits-back coder (vdm_jax.compress.ModelFace or
+        vdm_torch.compress.ModelFace): gamma, the noise prediction and the decoder, numpy in and out."""
+        compress = importlib.import_module(f"vdm_{self.engine.name}.compress")
+        return compress.ModelFace(self.model_config, self.weights)
 
     def image_shape(self) -> tuple[int, int, int]:
         """(H, W, C) of the run's data (read from the data set the config names)."""

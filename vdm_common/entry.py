@@ -15,7 +15,7 @@ from typing import Callable
 from absl import flags, logging
 from ml_collections import config_flags
 
-from vdm_common import interrupts, run as run_lib, trainer, watchdog
+from vdm_common import bitsback, interrupts, run as run_lib, trainer, watchdog
 from vdm_common import workdir as workdir_lib
 from vdm_common.engine import Engine
 from vdm_common.errors import UserError
@@ -29,7 +29,14 @@ def define_flags(backend: str, multihost_help: str, coordinator_help: str) -> No
     config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "quickstart.py"),
                                     "A config file (configs/*.py); --config.section.field=value overrides.")
     flags.DEFINE_string("workdir", None, f"The run directory; default runs/<config name>_{backend}.")
-    flags.DEFINE_enum("mode", "train", trainer.MODES, "train, eval, sample or plot.")
+    flags.DEFINE_enum("mode", "train", trainer.MODES, "train, eval, sample, plot, compress or decompress.")
+    flags.DEFINE_string("input", None, "--mode=compress: a .npz of uint8 images (array 'images', N x H x W x C) or "
+                                       "a folder of PNGs; --mode=decompress: a file written by --mode=compress.")
+    flags.DEFINE_string("output", None, "--mode=compress: the compressed file to write; --mode=decompress: a .npz "
+                                        "or a folder of PNGs to write. Never replaces anything that exists.")
+    flags.DEFINE_integer("timesteps", None, f"--mode=compress: steps T of the discrete-time model the images are "
+                                            f"coded with (default {bitsback.DEFAULT_TIMESTEPS}); --mode=decompress: "
+                                            f"the T the file must have (default: the file's).", lower_bound=1)
     flags.DEFINE_bool("multihost", False, multihost_help)
     flags.DEFINE_string("coordinator_address", None, coordinator_help)
     flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
@@ -64,8 +71,9 @@ def run(argv: list[str], backend: str, join: Callable[[], None], make_engine: Ca
             watch = _watch_peers(engine, workdir, stack)
             config = trainer.entry_config(FLAGS.mode, workdir, FLAGS.config, FLAGS["config"].present > 0, overrides)
             try:
+                coding = trainer.Coding(FLAGS.input, FLAGS.output, FLAGS.timesteps)
                 summary = trainer.main(engine, config, workdir, FLAGS.mode, overrides,
-                                       profile_steps=FLAGS.profile_steps if FLAGS.profile else 0)
+                                       profile_steps=FLAGS.profile_steps if FLAGS.profile else 0, coding=coding)
             except Exception as e:
                 if watch is not None and not isinstance(e, UserError):
                     watch.settle()           # a collective failed because a peer is gone: the watch ends us

@@ -2,7 +2,7 @@
 sample drivers and every message a user sees. Framework-free: an engine (vdm_common.engine) does the
 framework work, `vdm_jax.engine.Engine` or `vdm_torch.engine.Engine`.
 
-    main(engine, config, workdir, mode)     mode: train | eval | sample | plot
+    main(engine, config, workdir, mode)     mode: train | eval | sample | plot | compress | decompress
 
 train   resume from the newest intact checkpoint of the workdir (or start), train to
         training.num_steps_train, logging, evaluating, sampling and saving on the config's cadence; stop
@@ -10,12 +10,14 @@ train   resume from the newest intact checkpoint of the workdir (or start), trai
 eval    test-set bpd of the EMA weights of the newest checkpoint, with its standard error and the baseline.
 sample  a grid of training.num_samples samples in training.sample_steps steps.
 plot    the bpd curves of metrics.jsonl.
+compress / decompress   images (.npz, PNGs) <-> a bits-back coded file, with the newest checkpoint's EMA weights.
 
 Every file a mode writes is named by what made it (vdm_common.workdir.Layout) and listed at the end.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import time
@@ -35,23 +37,40 @@ from vdm_common import metrics as metrics_lib
 from vdm_common import run
 from vdm_common import workdir as workdir_lib
 from vdm_common.engine import Engine, on_main_process
+from vdm_common.errors import UserError
 from vdm_common.run import RunError
 
-MODES = ("train", "eval", "sample", "plot")
+MODES = ("train", "eval", "sample", "plot", "compress", "decompress")
+
+
+@dataclasses.dataclass(frozen=True)
+class Coding:
+    """What the compress and decompress modes read and write: --input, --output and --timesteps (compress:
+    T, None for bitsback.DEFAULT_TIMESTEPS; decompress: the T the file must have, None for the file's)."""
+
+    input: str | None = None
+    output: str | None = None
+    timesteps: int | None = None
 
 
 # ------------------------------------------------------------------------------------------- the modes
 
 def main(engine: Engine, config: ml_collections.ConfigDict | None, workdir: str, mode: str = "train",
-         overrides: Mapping[str, Any] | None = None, *, profile_steps: int = 0) -> dict:
+         overrides: Mapping[str, Any] | None = None, *, profile_steps: int = 0, coding: Coding | None = None
+         ) -> dict:
     """Runs one mode on a workdir. `config`: the run's config (None: the one stored in the workdir);
-    `overrides`: the command line's config overrides, applied to the stored config in eval / sample modes.
-    profile_steps: train mode writes a profiler trace of that many steps into <workdir>/profile/.
+    `overrides`: the command line's config overrides, applied to the stored config in eval / sample /
+    compress / decompress modes. profile_steps: train mode writes a profiler trace of that many steps into
+    <workdir>/profile/. coding: the paths and T of the compress and decompress modes.
 
     Returns a summary dict: train {'step', 'eval', 'samples', 'state', 'interrupted', 'written'}, eval the
-    eval result, sample {'path', 'step'}, plot {'path'}.
+    eval result, sample {'path', 'step'}, plot {'path'}, compress and decompress {'path', 'num_images',
+    'timesteps', 'bytes', 'bpd', 'seconds', 'step'}.
     """
     check_mode(mode)
+    stray = [f"--{name}" for name in ("input", "output", "timesteps") if getattr(coding or Coding(), name)]
+    if stray and mode not in ("compress", "decompress"):
+        raise RunError(f"{' and '.join(stray)} belong to --mode=compress and --mode=decompress, not --mode={mode}")
     say = Say(engine)
     if mode == "plot":
         path = plot(workdir) if engine.process_index() == 0 else None
@@ -62,7 +81,10 @@ def main(engine: Engine, config: ml_collections.ConfigDict | None, workdir: str,
         return train(engine, config, workdir, profile_steps, say)
     if mode == "eval":
         return evaluate(engine, config, workdir, say)
-    return sample(engine, config, workdir, say)
+    if mode == "sample":
+        return sample(engine, config, workdir, say)
+    code = compress if mode == "compress" else decompress
+    return code(engine, config, workdir, coding or Coding(), say)
 
 
 def check_mode(mode: str) -> None:
@@ -355,6 +377,78 @@ def sample(engine: Engine, config: ml_collections.ConfigDict, workdir: str, say:
     path = _write_grid(engine, setup, workdir, model.step, model.which, model.sample)
     say(f"{t.num_samples} samples ({t.sample_steps} steps, seed {t.seed}) of step {model.step}: {path}")
     return {"path": str(path) if path else None, "step": model.step}
+
+
+# ------------------------------------------------------------------------------------- compress, decompress
+
+def _coding_paths(engine: Engine, mode: str, coding: Coding, reads: str, writes: str) -> tuple[Path, Path]:
+    """--input and --output of a compress / decompress run, checked before anything is loaded: both given,
+    the output not there yet (nothing is replaced), one process."""
+    from vdm_common import compressed_file
+    missing = [f"--{name}" for name in ("input", "output") if not getattr(coding, name)]
+    if missing:
+        raise RunError(f"--mode={mode} needs {' and '.join(missing)}: --input= {reads}, --output= {writes}")
+    if engine.process_count() > 1:
+        raise RunError(f"--mode={mode} runs in one process ({engine.process_count()} were started); start it "
+                       f"without torchrun or --coordinator_address")
+    output = compressed_file.refuse_existing(coding.output, empty_folder_ok=mode == "decompress")
+    return Path(coding.input), output
+
+
+def compress(engine: Engine, config: ml_collections.ConfigDict, workdir: str, coding: Coding,
+             say: Say | None = None) -> dict:
+    """The compress mode: the images of --input (.npz or a folder of PNGs) into the new file --output, bits-back
+    coded with the newest checkpoint's EMA weights and the discrete-time model of --timesteps steps. Through
+    the Python API, as `load(workdir).compress(images, timesteps)`."""
+    from vdm_common import bitsback, compressed_file
+    say = say or Say(engine)
+    source, target = _coding_paths(engine, "compress", coding, "a .npz of uint8 images or a folder of PNGs",
+                                   "the new compressed file (e.g. images.vdmz)")
+    images = compressed_file.read_images(source)
+    model = api.load(engine, workdir, config=config, say=say)
+    T = coding.timesteps or bitsback.DEFAULT_TIMESTEPS
+    started = time.time()
+    try:
+        model.check_images(images)
+        with bitsback.progress_bar(len(images), T, "compress") as progress:
+            data = model.compress(images, T, progress)
+    except UserError as e:
+        raise bitsback.CompressionError(f"--input {source}: {e}") from None
+    seconds = time.time() - started
+    path = compressed_file.write_compressed(target, data)
+    bpd = 8 * len(data) / images.size
+    say(f"compressed {len(images)} images {tuple(images.shape[1:])} of {source} into {path}: {len(data)} bytes, "
+        f"{bpd:.4f} bits/dim (T = {T}, step {model.step} {model.which} weights, {engine.name}; "
+        f"{len(images) / seconds:.1f} images/s). Decompress with --mode=decompress --input={path}")
+    return {"path": str(path), "num_images": len(images), "timesteps": T, "bytes": len(data), "bpd": bpd,
+            "seconds": seconds, "step": model.step}
+
+
+def decompress(engine: Engine, config: ml_collections.ConfigDict, workdir: str, coding: Coding,
+               say: Say | None = None) -> dict:
+    """The decompress mode: the file --input written by the compress mode back into the images, written to
+    --output (a new .npz, or a new folder of PNGs), with the same run's weights. A wrong run or T, a damaged
+    or truncated file: one CompressionError, nothing written."""
+    from vdm_common import bitsback, compressed_file
+    say = say or Say(engine)
+    source, target = _coding_paths(engine, "decompress", coding, "a file written by --mode=compress",
+                                   "a new .npz or a new folder of PNGs")
+    data = compressed_file.read_compressed(source)
+    model = api.load(engine, workdir, config=config, say=say)
+    started = time.time()
+    try:
+        header = compressed_file.check_file(model.model_face, data, coding.timesteps)
+        with bitsback.progress_bar(header.num_images, header.timesteps, "decompress") as progress:
+            images = model.decompress(data, coding.timesteps, progress)
+    except UserError as e:
+        raise bitsback.CompressionError(f"--input {source}: {e}; nothing was written") from None
+    seconds = time.time() - started
+    path = compressed_file.write_images(target, images)
+    say(f"decompressed {len(images)} images {tuple(images.shape[1:])} of {source} into {path} (T = "
+        f"{header.timesteps}, step {model.step} {model.which} weights, {engine.name}; "
+        f"{len(images) / seconds:.1f} images/s)")
+    return {"path": str(path), "num_images": len(images), "timesteps": header.timesteps, "bytes": len(data),
+            "bpd": 8 * len(data) / images.size, "seconds": seconds, "step": model.step}
 
 
 def plot(workdir: str) -> Path:
