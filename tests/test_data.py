@@ -408,7 +408,11 @@ def test_reachable_answers_within_its_timeout(monkeypatch):
             closed.bind(("127.0.0.1", 0))
             assert not data._reachable(f"http://127.0.0.1:{closed.getsockname()[1]}/x", timeout=2.0)
     # A name lookup that hangs (a resolver that never answers) still gives an answer within the timeout.
-    monkeypatch.setattr(socket, "create_connection", lambda *args, **kwargs: time.sleep(30))
+    def hanging_lookup(*args, **kwargs):
+        time.sleep(30)
+        raise socket.gaierror("the lookup never answered")
+
+    monkeypatch.setattr(socket, "create_connection", hanging_lookup)
     start = time.monotonic()
     assert not data._reachable("https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz", timeout=0.5)
     assert time.monotonic() - start < 2.0

@@ -24,6 +24,8 @@ from vdm_jax import checkpoint, engine
 from tests import data_parallel
 from tests.conftest import QUICKSTART, assert_tiny_run_outputs, TINY_MODEL, TINY_RUN, cli_args, free_port, records, run_mode, tiny_config, tree_digest
 
+pytestmark = pytest.mark.jax
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # The data-parallel comparisons run in float64, with the bounds of tests/data_parallel.py (why: there).
@@ -58,8 +60,6 @@ import jax, numpy as np
 from vdm_common import config as C, data
 from vdm_jax import engine
 from vdm_jax.checkpoint import to_host
-
-pytestmark = pytest.mark.jax
 
 cfg = C.load_config(sys.argv[1], sys.argv[3:])
 mc, opt = C.model_config(cfg), cfg.optimizer

@@ -115,7 +115,21 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
             raise run.RunError("no process group to join: start the processes with torchrun (which sets RANK, "
                                "WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or pass --coordinator_address, "
                                "--num_processes and --process_id")
-        dist.init_process_group(backend, timeout=PROCESS_GROUP_TIMEOUT)
+        dist.init_process_group(backend, store=_attempt_store(), rank=int(os.environ["RANK"]),
+                                world_size=int(os.environ["WORLD_SIZE"]), timeout=PROCESS_GROUP_TIMEOUT)
+
+
+def _attempt_store() -> dist.Store:
+    """torchrun's key-value store, its keys scoped to this attempt (TORCHELASTIC_RESTART_COUNT).
+
+    torchrun's agent keeps one TCPStore across the restarts of a job and its workers write unscoped keys:
+    after a restart the gloo addresses of the dead attempt were still there, and a worker that read one
+    before its peer had written the new one connected to a dead port (connection refused)."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_hosts_it = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_hosts_it and rank == 0, timeout=PROCESS_GROUP_TIMEOUT)
+    return dist.PrefixStore(f"vdm/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def shutdown_distributed() -> None:
