@@ -26,6 +26,10 @@ from vdm_common import cli, entry
 cli.check_config_overrides(sys.argv)          # before the config flag reads them
 entry.define_flags("jax", multihost_help="Call jax.distributed.initialize() (cluster auto-detection).",
                    coordinator_help="host:port of process 0 (multi-host runs).")
+# How to run, not what to train (not part of the config): vdm_jax.engine.EngineOptions.
+flags.DEFINE_string("compilation_cache", None, "Directory of the persistent compilation cache, so that a run, eval "
+                    "or sample of a config compiled before starts in seconds; default $JAX_COMPILATION_CACHE_DIR, "
+                    "else ~/.cache/vdm/jax. --compilation_cache= turns it off.")
 FLAGS = flags.FLAGS
 
 
@@ -37,7 +41,8 @@ def main(argv):
             engine.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                           FLAGS.peer_timeout)
 
-    return entry.run(argv, "jax", join, lambda: engine.Engine(engine.EngineOptions()))
+    cache = engine.default_compilation_cache() if FLAGS.compilation_cache is None else FLAGS.compilation_cache
+    return entry.run(argv, "jax", join, lambda: engine.Engine(engine.EngineOptions(compilation_cache=cache)))
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ SIZES = {
     "medium": dict(image=(32, 32, 3), batch=32, model=dict(sm_n_embd=128, sm_n_layer=8)),
     "cifar10": dict(image=(32, 32, 3), batch=128, model=dict(sm_n_embd=128, sm_n_layer=32)),
 }
+# The training call whose compile time is measured has the quickstart's 10 substeps (the official configs
+# have 10 to 1000); a rolled scan compiles one step whatever their number.
+STARTUP_SUBSTEPS = 10
 BASE_MODEL = dict(vocab_size=256, image_channels=3, gamma_type="learnable_scalar", sm_pdrop=0.1,
                   with_fourier_features=True, with_attention=False)
 
@@ -121,6 +124,36 @@ def torch_device_figures(dtype: str, device: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- JAX worker
+def jax_compile_seconds(mc: ModelConfig, opt, batch: int, image, substeps: int = STARTUP_SUBSTEPS) -> dict:
+    """Cold trace + lower + compile seconds of what the trainer compiles before its first step: the engine's
+    training call (`substeps` steps of batch images), its eval function and one sampler step. The
+    persistent compilation cache is off, so each is compiled here."""
+    import jax
+    import jax.numpy as jnp
+
+    from vdm_common.noise import eval_noise
+    from vdm_jax import engine, steps as jsteps
+
+    jax.config.update("jax_enable_compilation_cache", False)
+    mesh = engine.make_mesh(jax.devices()[:1])
+    state = jsteps.create_train_state(mc, opt, jax.random.PRNGKey(0), image)
+    x, c = jnp.zeros((substeps, batch, *image), jnp.int32), jnp.zeros((substeps, batch))
+    dtype = jnp.float32 if mc.compute_dtype != "float64" else jnp.float64
+    noise = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype),
+                                   eval_noise(0, range(batch), 0, image, mc.sm_n_timesteps))
+    z = jnp.zeros((batch, *image), dtype)
+    step, _ = engine.make_sample_fns(mc, 1000)
+    calls = dict(train=lambda: engine.make_train_fn(mc, opt, mesh).lower(state, x, c, jax.random.key(0)),
+                 eval=lambda: engine.make_eval_fn(mc, mesh).lower(state.params, x[0], c[0], noise),
+                 sample=lambda: step.lower(state.params, z, 0, c[0], z))
+    seconds = {}
+    for name, lower in calls.items():
+        start = time.perf_counter()
+        lower().compile()
+        seconds[name] = time.perf_counter() - start
+    return seconds
+
+
 def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     import jax
     import jax.numpy as jnp
@@ -154,8 +187,9 @@ def jax_worker(size: str, dtype: str, steps: int, warmup: int) -> dict:
     eval_fn = jax.jit(lambda p, x: jsteps.eval_terms(mc, p, x, c, vdm.draw_noise(rng, x.shape, mc))["bpd"])
     jax_timed(lambda: eval_fn(params, x), warmup)
     _, eval_times = jax_timed(lambda: eval_fn(params, x), steps)
+    figures = jax_device_figures(dtype)           # peak memory of the measured work, before the compiles below
     return dict(train=summarise(train_times), sample=summarise(sample_times), eval=summarise(eval_times),
-                version=jax.__version__, **jax_device_figures(dtype))
+                compile_s=jax_compile_seconds(mc, opt, batch, image), version=jax.__version__, **figures)
 
 
 # -------------------------------------------------------------------------------------------- torch worker
@@ -252,19 +286,27 @@ def add_utilisation(results: list[dict]) -> None:
                  sample_utilisation=r["sample_flops_per_s"] / ceiling)
 
 
+def compile_cell(result: dict) -> str:
+    """'train, eval, sample' cold compile seconds (JAX); '-' for eager torch (it compiles nothing)."""
+    seconds = result.get("compile_s")
+    return ", ".join(f"{seconds[k]:.1f}" for k in ("train", "eval", "sample")) if seconds else "-"
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["| size | dtype | backend | train step s (median [min, max]) | img/s | sample s/step | "
-             "eval img/s | peak memory | GFLOP/step | utilisation (own GEMM) | device |", "|" + "---|" * 11]
+             "eval img/s | peak memory | GFLOP/step | utilisation (own GEMM) | cold compile s: train, eval, sample "
+             "| device |", "|" + "---|" * 12]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['size']} | {r['dtype']} | {r['backend']} | failed: {r['error']} |" + " |" * 7)
+            lines.append(f"| {r['size']} | {r['dtype']} | {r['backend']} | failed: {r['error']} |" + " |" * 8)
             continue
         t = r["train"]
         lines.append(
             f"| {r['size']} | {r['dtype']} | {r['backend']} | {t['median']:.3f} [{t['min']:.3f}, {t['max']:.3f}] "
             f"| {r['images_per_s']:.1f} | {r['sample_s_per_step']:.4f} | {r['eval_images_per_s']:.1f} "
             f"| {r['peak_memory_bytes'] / 2**20:.0f} MiB ({r['memory_kind']}) | {r['train_step_flops'] / 1e9:.2f} "
-            f"| {100 * r['utilisation']:.1f}% ({100 * r['utilisation_own_gemm']:.1f}%) | {r['device']} |")
+            f"| {100 * r['utilisation']:.1f}% ({100 * r['utilisation_own_gemm']:.1f}%) | {compile_cell(r)} "
+            f"| {r['device']} |")
     repeated = [f"- {r['size']} {r['dtype']} {r['backend']}: median step of each repeat "
                 + ", ".join("failed" if t is None else f"{t:.3f}" for t in r["repeat_step_medians"]) + " s"
                 for r in results if "repeat_step_medians" in r]

@@ -154,6 +154,43 @@ def test_quickstart_cli_end_to_end(cli_run_4dev):
     ckpt.close()
 
 
+def cache_log_env(num_devices: int = 1) -> dict:
+    """JAX's compiler log on stderr (cache hits and misses), every program written to the cache."""
+    return dict(device_env(num_devices), JAX_DEBUG_LOG_MODULES="jax._src.compiler",
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+
+
+def test_a_second_start_loads_the_compiled_programs_from_the_cache(tmp_path):
+    cache, workdir = tmp_path / "cache", tmp_path / "run"
+    args = [f"--workdir={workdir}", f"--compilation_cache={cache}"]
+    run = lambda *extra: subprocess.run([sys.executable, str(ROOT / "train_jax.py"), *args, *extra], cwd=ROOT,
+                                        env=cache_log_env(), capture_output=True, text=True, timeout=600)
+    first = run(*cli_args(TINY_RUN))
+    assert first.returncode == 0, first.stderr
+    for name in ("jit_train_substeps", "jit_eval_terms", "jit_step"):     # training call, eval, sampler step
+        assert f"PERSISTENT COMPILATION CACHE MISS for '{name}'" in first.stderr
+        assert list(cache.glob(f"{name}-*-cache")), sorted(p.name for p in cache.iterdir())
+    again = run("--mode=eval")                        # another mode of the same run: the same eval program
+    assert again.returncode == 0, again.stderr
+    assert "Persistent compilation cache hit for 'jit_eval_terms'" in again.stderr
+    assert "PERSISTENT COMPILATION CACHE MISS for 'jit_eval_terms'" not in again.stderr
+
+
+def test_compilation_cache_off_and_unwritable(tmp_path):
+    workdir = tmp_path / "run"
+    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
+    off = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={workdir}", "--compilation_cache=",
+                          *base], cwd=ROOT, env=cache_log_env(), capture_output=True, text=True, timeout=600)
+    assert off.returncode == 0, off.stderr
+    assert "persistent compilation cache" not in off.stderr.lower()
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    bad = run_cli([f"--workdir={tmp_path / 'run2'}", f"--compilation_cache={blocker}/cache", *base], check=False)
+    assert bad.returncode == 1 and not (tmp_path / "run2").exists()
+    assert f"--compilation_cache={blocker}/cache: cannot create the directory" in bad.stderr
+    assert "--compilation_cache= to run without the cache" in bad.stderr
+
+
 @pytest.mark.slow
 def test_checkpoint_of_four_devices_restores_on_one(cli_run_4dev, tmp_path):
     workdir, _ = cli_run_4dev

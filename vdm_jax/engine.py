@@ -25,6 +25,7 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Callable
@@ -46,6 +47,7 @@ from vdm_jax.unet import dtypes
 
 BACKEND = "jax"
 MESH_AXIS = "data"
+COMPILATION_CACHE_MAX_BYTES = 4 * 2**30      # the least recently used programs are evicted beyond this
 # Streams of the run key, one per use (so that, e.g., more eval batches never change training).
 _STREAM_INIT, _STREAM_TRAIN = range(2)
 
@@ -55,9 +57,40 @@ class EngineOptions:
     """How to run, not what to train (not part of the config).
 
     devices: the mesh's devices (default: every device of every process).
+    compilation_cache: the directory of the persistent compilation cache (default_compilation_cache());
+    '' or None turns it off.
     """
 
     devices: tuple | None = None
+    compilation_cache: str | None = dataclasses.field(default_factory=lambda: default_compilation_cache())
+
+
+# ------------------------------------------------------------------------------------ compilation cache
+
+def default_compilation_cache() -> str:
+    """$JAX_COMPILATION_CACHE_DIR when set, else the per-user $XDG_CACHE_HOME/vdm/jax (~/.cache/vdm/jax)."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "vdm", "jax")
+
+
+def use_compilation_cache(directory: str | None) -> None:
+    """Keeps XLA's compiled programs in `directory` (None or '': not at all), so that a later run, eval or
+    sample of the same config, code and devices loads them instead of compiling them. JAX reads this once,
+    at the first compile of the process, and writes only programs that took over a second to compile
+    (jax_persistent_cache_min_compile_time_secs)."""
+    if not directory:
+        jax.config.update("jax_enable_compilation_cache", False)
+        return
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise run.RunError(f"--compilation_cache={directory}: cannot create the directory ({e.strerror}); "
+                           f"name a writable one, or --compilation_cache= to run without the cache") from e
+    jax.config.update("jax_enable_compilation_cache", True)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
 
 
 # ------------------------------------------------------------------------------------------- devices
@@ -205,6 +238,7 @@ class Engine:
 
     def __init__(self, options: EngineOptions = EngineOptions()):
         self.options = options
+        use_compilation_cache(options.compilation_cache)
         self.mesh = make_mesh(options.devices)
         if jax.process_count() > 1:
             # When process 0 dies, JAX aborts the others (see vdm_common.watchdog); absl's faulthandler would
