@@ -9,8 +9,10 @@ Options (none changes the function trained; each gets a fresh training state):
   channels_last    model, AdamW moments and batch in channels_last memory (train_torch.py --channels_last)
   compile          torch.compile of the score UNet (train_torch.py --compile); its compilation falls in the
                    warm-up steps, so give --warmup enough of them
-The sizes and dtypes are benchmarks/bench.py's. Prints, per option, the median [min, max] training step of
---steps steps after --warmup and its ratio to the default's; --out writes the same as JSON.
+Options combine with '+' (--options=channels_last+compile+cudnn_benchmark). The sizes and dtypes are
+benchmarks/bench.py's. Prints, per option, the first step's time (compile and cuDNN's algorithm search fall
+in it), the median [min, max] training step of --steps steps after --warmup, its ratio to the default's and,
+on a GPU, the peak device memory; --out writes the same as JSON.
 """
 from __future__ import annotations
 
@@ -23,26 +25,33 @@ OPTIONS = ("cudnn_benchmark", "channels_last", "compile")
 
 
 def time_option(option: str, size: str, dtype: str, steps: int, warmup: int) -> dict:
-    """Median and spread of the training step with one option ('default': none), on a fresh state."""
+    """First step, median and spread of the training step with the options of `option` ('default': none;
+    'a+b': both), on a fresh state."""
     import torch
 
     from vdm_torch import steps as tsteps
     from vdm_torch.engine import make_forward, to_channels_last
 
+    chosen = set(option.split("+"))
     device, mc, opt, state, generator, x, c = torch_setup(size, dtype)
-    if option == "channels_last":
+    if "channels_last" in chosen:
         state = to_channels_last(state)
         x = x.contiguous(memory_format=torch.channels_last)
-    forward = make_forward(state.model, torch.device(device), compile=option == "compile")
+    forward = make_forward(state.model, torch.device(device), compile="compile" in chosen)
     benchmark_before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = option == "cudnn_benchmark"
+    torch.backends.cudnn.benchmark = "cudnn_benchmark" in chosen
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     try:
         def step():
             tsteps.train_step(mc, opt, state, x, c, generator=generator, forward=forward)
 
+        first = torch_timed(step, 1, device)[0]
         torch_timed(step, warmup, device)
         times = torch_timed(step, steps, device)
-        return dict(option=option, size=size, dtype=dtype, device=device, train=summarise(times))
+        peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        return dict(option=option, size=size, dtype=dtype, device=device, first_step_s=first,
+                    train=summarise(times), peak_memory_bytes=peak)
     finally:
         torch.backends.cudnn.benchmark = benchmark_before
 
@@ -57,7 +66,8 @@ def main(argv=None):
     parser.add_argument("--out", help="a JSON file for the results")
     args = parser.parse_args(argv)
     options = [o for o in args.options.split(",") if o]
-    for flag, given, known in (("--options", options, OPTIONS), ("--sizes", args.sizes.split(","), SIZES)):
+    parts = [part for option in options for part in option.split("+")]
+    for flag, given, known in (("--options", parts, OPTIONS), ("--sizes", args.sizes.split(","), SIZES)):
         if set(given) - set(known):
             parser.error(f"{flag}: unknown {sorted(set(given) - set(known))}; choose from {sorted(known)}")
     results = []
@@ -70,8 +80,10 @@ def main(argv=None):
                 r["ratio_to_default"] = r["train"]["median"] / default
                 results.append(r)
                 t = r["train"]
-                print(f"{size} {dtype} {option} on {r['device']}: {t['median']:.4f} s/step [{t['min']:.4f}, "
-                      f"{t['max']:.4f}], {r['ratio_to_default']:.2f}x the default's time", flush=True)
+                memory = "" if r["peak_memory_bytes"] is None else f", peak {r['peak_memory_bytes'] / 2**30:.1f} GiB"
+                print(f"{size} {dtype} {option} on {r['device']}: first step {r['first_step_s']:.1f} s, then "
+                      f"{t['median']:.4f} s/step [{t['min']:.4f}, {t['max']:.4f}], {r['ratio_to_default']:.2f}x "
+                      f"the default's time{memory}", flush=True)
     if args.out:
         with open(args.out, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import pathlib
 import re
+import tempfile
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +21,10 @@ from vdm_common.config import ModelConfig
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 DATA = pathlib.Path(__file__).resolve().parent / "data"
+
+# The JAX engine's persistent compilation cache (on by default, in ~/.cache/vdm/jax) in a directory of this
+# test session, for the tests and the trainers they start: tests neither read a user's cache nor fill it.
+os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="vdm-test-jax-cache-")
 
 HW = 8          # images are HW x HW in every core test
 BATCH = 4

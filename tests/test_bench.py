@@ -111,13 +111,16 @@ def test_repeats_report_the_median_run_and_list_every_repeat():
 
 def test_torch_options_time_each_option_beside_the_default(tmp_path):
     out = tmp_path / "options.json"
-    torch_options.main(["--options=channels_last", "--steps=1", "--warmup=1", f"--out={out}"])
+    torch_options.main(["--options=channels_last,channels_last+cudnn_benchmark", "--steps=1", "--warmup=1",
+                        f"--out={out}"])
     rows = json.loads(out.read_text())
     assert [(r["option"], r["size"], r["dtype"]) for r in rows] == [
-        ("default", "small", "float32"), ("channels_last", "small", "float32")]
-    assert rows[0]["device"] == rows[1]["device"]
+        ("default", "small", "float32"), ("channels_last", "small", "float32"),
+        ("channels_last+cudnn_benchmark", "small", "float32")]
+    assert rows[0]["device"] == rows[1]["device"] == rows[2]["device"]
+    assert all(r["first_step_s"] > 0 and r["peak_memory_bytes"] is None for r in rows)     # CPU: no device memory
     assert rows[0]["ratio_to_default"] == 1.0
     assert rows[1]["ratio_to_default"] == pytest.approx(rows[1]["train"]["median"] / rows[0]["train"]["median"])
-    for bad in ("--options=fast", "--sizes=huge"):
+    for bad in ("--options=fast", "--options=compile+fast", "--sizes=huge"):
         with pytest.raises(SystemExit):
             torch_options.main([bad])
