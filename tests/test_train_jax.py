@@ -135,6 +135,10 @@ def test_quickstart_cli_end_to_end(cli_run_4dev):
     workdir, proc = cli_run_4dev
     assert "4 device(s) in 1 process(es); global batch 16 = 4 per device" in proc.stdout + proc.stderr
     assert "10.88K parameters" in proc.stdout and f"metrics      {workdir}/metrics.jsonl" in proc.stdout
+    # The compile is announced before it starts and timed; the bar starts after it, at the first call's steps.
+    notice = proc.stdout.index("[jax] compiling the training step (the first call) ...")
+    assert re.search(r"\[jax\] compiled and ran the first call \(2 steps\) in \d+\.\d s", proc.stdout[notice:])
+    assert re.search(r"train: +\d+%\|[^|]*\| 2/6 \[00:00<", proc.stderr), proc.stderr[:500]
     train_rows, eval_rows = records(workdir, "train"), records(workdir, "eval")
     assert [r["step"] for r in train_rows] == [2, 4, 6] and [r["step"] for r in eval_rows] == [6]
     for row in train_rows:
