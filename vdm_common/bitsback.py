@@ -33,7 +33,8 @@ from vdm_common.run import RunError, eval_bound
 from vdm_common.types import Noise
 
 DEFAULT_TIMESTEPS = 100  # T where none is named (README "Lossless compression": rate against speed)
-GRID_BITS = 4            # latent bins 2^-4..2^-5 of the std of q, which they are popped from (README)
+GRID_BITS = 3            # latent bins 2^-3..2^-4 of the std of q, which they are popped from: a finer grid
+                         # costs more at large T (constriction's 24-bit probabilities; README)
 WINDOW_STDS = 8          # each latent is coded in a window of +-8 stds of the wider Gaussian (p's may widen)
 MAX_BATCH = 256          # images per UNet call at most
 PROBE_CHUNKS = 4         # single-image chunks coded first; their costs set the growth of the later chunks
