@@ -239,8 +239,7 @@ BACKEND_ONLY = {
     },
     "torch": {
         "unet.lecun_normal_",          # torch re-creates Flax's default kernel init ...
-        "unet.dense",                  # ... through these layer factories
-        "unet.conv3x3",
+        "unet.dense",                  # ... through this layer factory
         "schedules.as_tensor",         # Python float -> tensor on the module's device and dtype
         "vdm.float_dtype",             # the role of JAX's unet.dtypes(config)[0]
         "vdm.value_and_time_derivative",   # autograd stand-in for jax.jvp (gamma'(t))

@@ -94,9 +94,10 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     return _conv3x3_plain_backward(lhs, rhs, precision)
 
 
-def conv3x3(features: int, name: str, dtype, param_dtype, zero_init: bool = False) -> nn.Conv:
-    """The model's 3x3 'SAME' convolution; on the CPU backend with the backward of _cpu_conv."""
-    init = dict(kernel_init=nn.initializers.zeros) if zero_init else {}
+def conv3x3(features: int, name: str, dtype, param_dtype, zero: bool = False) -> nn.Conv:
+    """The model's 3x3 'SAME' convolution: a LeCun-normal kernel, or zeros (zero=True); bias zero.
+    JAX: on the CPU backend with the backward of _cpu_conv."""
+    init = dict(kernel_init=nn.initializers.zeros) if zero else {}
     return nn.Conv(features, (3, 3), dtype=dtype, param_dtype=param_dtype, name=name, **init,
                    conv_general_dilated=_cpu_conv if jax.default_backend() == "cpu" else None)
 
@@ -120,7 +121,7 @@ class ResnetBlock(nn.Module):
                          param_dtype=param_dtype, name="cond_proj")(cond)[:, None, None, :]
         h = nn.swish(group_norm(cfg, "GroupNorm_1")(h))
         h = nn.Dropout(rate=cfg.sm_pdrop)(h, deterministic=deterministic)
-        h = conv3x3(out_ch, "conv2", compute, param_dtype, zero_init=True)(h)
+        h = conv3x3(out_ch, "conv2", compute, param_dtype, zero=True)(h)
         if C != out_ch:
             x = nn.Dense(out_ch, dtype=compute, param_dtype=param_dtype, name="nin_shortcut")(x)
         assert x.shape == h.shape
@@ -192,6 +193,6 @@ class ScoreUNet(nn.Module):
                 h = AttnBlock(cfg, name=f"up.attn_{i}")(h)
         assert not hs
         h = nn.swish(group_norm(cfg, "GroupNorm_0")(h))
-        eps_pred = conv3x3(z.shape[-1], "conv_out", compute, param_dtype, zero_init=True)(h)
+        eps_pred = conv3x3(z.shape[-1], "conv_out", compute, param_dtype, zero=True)(h)
         # Base measure: at init (zero conv_out) the model predicts eps_hat = z.
         return (eps_pred + z).astype(z.dtype)

@@ -31,6 +31,7 @@ def dense(in_features: int, out_features: int, bias: bool = True, zero: bool = F
 
 
 def conv3x3(in_ch: int, out_ch: int, zero: bool = False) -> nn.Conv2d:
+    """The model's 3x3 'SAME' convolution: a LeCun-normal kernel, or zeros (zero=True); bias zero."""
     layer = nn.Conv2d(in_ch, out_ch, 3, padding=1)
     nn.init.zeros_(layer.weight) if zero else lecun_normal_(layer.weight, in_ch * 9)
     nn.init.zeros_(layer.bias)
