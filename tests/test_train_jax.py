@@ -195,6 +195,43 @@ def test_compilation_cache_off_and_unwritable(tmp_path):
     assert "--compilation_cache= to run without the cache" in bad.stderr
 
 
+# Another JAX program writing into a cache directory with JAX's default settings (no size bound): its entries
+# have no access-time files beside them, as an entry cut short by a killed process has none.
+FOREIGN_PROGRAM = "import jax, jax.numpy as jnp; jax.jit(lambda x: jnp.sin(x) @ x)(jnp.ones((64, 64)))"
+
+
+def test_cache_entries_without_access_times_neither_stop_writes_nor_are_kept(tmp_path):
+    cache = tmp_path / "cache"
+    subprocess.run([sys.executable, "-c", FOREIGN_PROGRAM], env=dict(cache_log_env(), JAX_COMPILATION_CACHE_DIR=str(cache)),
+                   check=True)
+    assert list(cache.glob("*-cache")) and not list(cache.glob("*-atime"))
+    (cache / "jit_cut_short-0123-cache").write_bytes(b"\x28\xb5")      # a write killed after two bytes
+    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={tmp_path / 'run'}",
+                           f"--compilation_cache={cache}", *base], cwd=ROOT, env=cache_log_env(), capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
+    # Every entry now has its access time (the foreign ones were removed; the trainer may write some again).
+    entries = list(cache.glob("*-cache"))
+    assert list(cache.glob("jit_train_substeps-*-cache")) and not (cache / "jit_cut_short-0123-cache").exists()
+    assert all(p.with_name(p.name.removesuffix("-cache") + "-atime").exists() for p in entries)
+
+
+def test_a_cache_named_by_jax_compilation_cache_dir_keeps_jax_settings(tmp_path):
+    """$JAX_COMPILATION_CACHE_DIR is the user's cache for all of JAX: its size and entries are left to JAX."""
+    cache = tmp_path / "cache"
+    env = dict(cache_log_env(), JAX_COMPILATION_CACHE_DIR=str(cache))
+    subprocess.run([sys.executable, "-c", FOREIGN_PROGRAM], env=env, check=True)
+    foreign = sorted(cache.glob("*-cache"))
+    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
+    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={tmp_path / 'run'}", *base],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
+    assert list(cache.glob("jit_train_substeps-*-cache")) and all(p.exists() for p in foreign)
+
+
 @pytest.mark.slow
 def test_checkpoint_of_four_devices_restores_on_one(cli_run_4dev, tmp_path):
     workdir, _ = cli_run_4dev

@@ -30,6 +30,7 @@ import re
 from pathlib import Path
 from typing import Callable
 
+import filelock
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -90,7 +91,25 @@ def use_compilation_cache(directory: str | None) -> None:
                            f"name a writable one, or --compilation_cache= to run without the cache") from e
     jax.config.update("jax_enable_compilation_cache", True)
     jax.config.update("jax_compilation_cache_dir", directory)
-    jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+    if directory != os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        # This library's own directory: bounded. $JAX_COMPILATION_CACHE_DIR is the user's cache for all of JAX,
+        # written by programs without a bound; its size is left to JAX's settings (JAX_COMPILATION_CACHE_MAX_SIZE).
+        remove_entries_without_access_time(directory)
+        jax.config.update("jax_compilation_cache_max_size", COMPILATION_CACHE_MAX_BYTES)
+
+
+def remove_entries_without_access_time(directory: str) -> None:
+    """JAX's size-bounded cache keeps `<key>-atime` beside every `<key>-cache` and fails every later write
+    (one warning per program) when one is missing: after a process killed while writing an entry (which may
+    be cut short too), or a JAX program that wrote without a bound. Such entries are removed, under JAX's
+    own lock of the directory so that an entry being written now is not taken for one."""
+    try:
+        with filelock.FileLock(os.path.join(directory, ".lockfile"), timeout=10):
+            for entry in Path(directory).glob("*-cache"):
+                if not entry.with_name(entry.name.removesuffix("-cache") + "-atime").exists():
+                    entry.unlink(missing_ok=True)
+    except filelock.Timeout:       # another process holds it for long: leave the directory as it is
+        pass
 
 
 # ------------------------------------------------------------------------------------------- devices
