@@ -41,8 +41,8 @@ def main(argv):
             engine.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
                                           FLAGS.peer_timeout)
 
-    cache = engine.default_compilation_cache() if FLAGS.compilation_cache is None else FLAGS.compilation_cache
-    return entry.run(argv, "jax", join, lambda: engine.Engine(engine.EngineOptions(compilation_cache=cache)))
+    options = engine.EngineOptions(compilation_cache=FLAGS.compilation_cache)
+    return entry.run(argv, "jax", join, lambda: engine.Engine(options))
 
 
 if __name__ == "__main__":

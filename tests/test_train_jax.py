@@ -44,9 +44,10 @@ def device_env(num_devices: int) -> dict:
     return env
 
 
-def run_cli(args, num_devices: int = 1, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), *args], cwd=ROOT, env=device_env(num_devices),
-                          capture_output=True, text=True, timeout=600)
+def run_cli(args, num_devices: int = 1, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """train_jax.py with `args` on `num_devices` CPU devices (or in `env`)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), *args], cwd=ROOT,
+                          env=env or device_env(num_devices), capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train_jax.py {args} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
@@ -164,32 +165,31 @@ def cache_log_env(num_devices: int = 1) -> dict:
                 JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
 
 
+SHORT_RUN = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
+
+
 def test_a_second_start_loads_the_compiled_programs_from_the_cache(tmp_path):
     cache, workdir = tmp_path / "cache", tmp_path / "run"
     args = [f"--workdir={workdir}", f"--compilation_cache={cache}"]
-    run = lambda *extra: subprocess.run([sys.executable, str(ROOT / "train_jax.py"), *args, *extra], cwd=ROOT,
-                                        env=cache_log_env(), capture_output=True, text=True, timeout=600)
-    first = run(*cli_args(TINY_RUN))
+    first = run_cli([*args, *cli_args(TINY_RUN)], check=False, env=cache_log_env())
     assert first.returncode == 0, first.stderr
     for name in ("jit_train_substeps", "jit_eval_terms", "jit_step"):     # training call, eval, sampler step
         assert f"PERSISTENT COMPILATION CACHE MISS for '{name}'" in first.stderr
         assert list(cache.glob(f"{name}-*-cache")), sorted(p.name for p in cache.iterdir())
-    again = run("--mode=eval")                        # another mode of the same run: the same eval program
+    again = run_cli([*args, "--mode=eval"], check=False, env=cache_log_env())   # another mode, the same eval
     assert again.returncode == 0, again.stderr
     assert "Persistent compilation cache hit for 'jit_eval_terms'" in again.stderr
     assert "PERSISTENT COMPILATION CACHE MISS for 'jit_eval_terms'" not in again.stderr
 
 
 def test_compilation_cache_off_and_unwritable(tmp_path):
-    workdir = tmp_path / "run"
-    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
-    off = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={workdir}", "--compilation_cache=",
-                          *base], cwd=ROOT, env=cache_log_env(), capture_output=True, text=True, timeout=600)
+    off = run_cli([f"--workdir={tmp_path / 'run'}", "--compilation_cache=", *SHORT_RUN], check=False,
+                  env=cache_log_env())
     assert off.returncode == 0, off.stderr
     assert "persistent compilation cache" not in off.stderr.lower()
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")
-    bad = run_cli([f"--workdir={tmp_path / 'run2'}", f"--compilation_cache={blocker}/cache", *base], check=False)
+    bad = run_cli([f"--workdir={tmp_path / 'run2'}", f"--compilation_cache={blocker}/cache", *SHORT_RUN], check=False)
     assert bad.returncode == 1 and not (tmp_path / "run2").exists()
     assert f"--compilation_cache={blocker}/cache: cannot create the directory" in bad.stderr
     assert "--compilation_cache= to run without the cache" in bad.stderr
@@ -202,14 +202,12 @@ FOREIGN_PROGRAM = "import jax, jax.numpy as jnp; jax.jit(lambda x: jnp.sin(x) @ 
 
 def test_cache_entries_without_access_times_neither_stop_writes_nor_are_kept(tmp_path):
     cache = tmp_path / "cache"
-    subprocess.run([sys.executable, "-c", FOREIGN_PROGRAM], env=dict(cache_log_env(), JAX_COMPILATION_CACHE_DIR=str(cache)),
-                   check=True)
+    subprocess.run([sys.executable, "-c", FOREIGN_PROGRAM], check=True,
+                   env=dict(cache_log_env(), JAX_COMPILATION_CACHE_DIR=str(cache)))
     assert list(cache.glob("*-cache")) and not list(cache.glob("*-atime"))
     (cache / "jit_cut_short-0123-cache").write_bytes(b"\x28\xb5")      # a write killed after two bytes
-    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
-    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={tmp_path / 'run'}",
-                           f"--compilation_cache={cache}", *base], cwd=ROOT, env=cache_log_env(), capture_output=True,
-                          text=True, timeout=600)
+    proc = run_cli([f"--workdir={tmp_path / 'run'}", f"--compilation_cache={cache}", *SHORT_RUN], check=False,
+                   env=cache_log_env())
     assert proc.returncode == 0, proc.stderr
     assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
     # Every entry now has its access time (the foreign ones were removed; the trainer may write some again).
@@ -224,9 +222,7 @@ def test_a_cache_named_by_jax_compilation_cache_dir_keeps_jax_settings(tmp_path)
     env = dict(cache_log_env(), JAX_COMPILATION_CACHE_DIR=str(cache))
     subprocess.run([sys.executable, "-c", FOREIGN_PROGRAM], env=env, check=True)
     foreign = sorted(cache.glob("*-cache"))
-    base = [*cli_args(TINY_RUN), "--config.training.num_steps_train=2", "--config.training.steps_per_save=2"]
-    proc = subprocess.run([sys.executable, str(ROOT / "train_jax.py"), f"--workdir={tmp_path / 'run'}", *base],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = run_cli([f"--workdir={tmp_path / 'run'}", *SHORT_RUN], check=False, env=env)
     assert proc.returncode == 0, proc.stderr
     assert "Error writing persistent compilation cache" not in proc.stderr, proc.stderr[-3000:]
     assert list(cache.glob("jit_train_substeps-*-cache")) and all(p.exists() for p in foreign)

@@ -58,12 +58,12 @@ class EngineOptions:
     """How to run, not what to train (not part of the config).
 
     devices: the mesh's devices (default: every device of every process).
-    compilation_cache: the directory of the persistent compilation cache (default_compilation_cache());
-    '' or None turns it off.
+    compilation_cache: the directory of the persistent compilation cache; None: default_compilation_cache();
+    '' turns it off.
     """
 
     devices: tuple | None = None
-    compilation_cache: str | None = dataclasses.field(default_factory=lambda: default_compilation_cache())
+    compilation_cache: str | None = None
 
 
 # ------------------------------------------------------------------------------------ compilation cache
@@ -77,10 +77,11 @@ def default_compilation_cache() -> str:
 
 
 def use_compilation_cache(directory: str | None) -> None:
-    """Keeps XLA's compiled programs in `directory` (None or '': not at all), so that a later run, eval or
-    sample of the same config, code and devices loads them instead of compiling them. JAX reads this once,
-    at the first compile of the process, and writes only programs that took over a second to compile
-    (jax_persistent_cache_min_compile_time_secs)."""
+    """Keeps XLA's compiled programs in `directory` (None: default_compilation_cache(); '': not at all), so
+    that a later run, eval or sample of the same config, code and devices loads them instead of compiling
+    them. JAX reads this once, at the first compile of the process, and writes only programs that took over a
+    second to compile (jax_persistent_cache_min_compile_time_secs)."""
+    directory = default_compilation_cache() if directory is None else directory
     if not directory:
         jax.config.update("jax_enable_compilation_cache", False)
         return
